@@ -1,0 +1,280 @@
+//! The one TOML config both data nodes share, parsed and checked.
+//!
+//! Every error names the file and the key, so that `tandemd` and `tandemctl` can print
+//! one clear line and refuse to start.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::core::Protocol;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {err}")]
+    Read { file: String, err: std::io::Error },
+    #[error("{file}: {msg}")]
+    Parse { file: String, msg: String },
+    #[error("{file}: {key}: {msg}")]
+    Key {
+        file: String,
+        key: String,
+        msg: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    #[serde(default)]
+    global: RawGlobal,
+    #[serde(default)]
+    resource: BTreeMap<String, RawResource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawGlobal {
+    secret_file: Option<String>,
+    run_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawResource {
+    protocol: Option<String>,
+    on_no_quorum: Option<String>,
+    fencing: Option<String>,
+    witness: Option<String>,
+    al_extents: Option<u32>,
+    ping_interval_ms: Option<u64>,
+    ping_timeout_ms: Option<u64>,
+    resync_window_bytes: Option<u64>,
+    #[serde(default)]
+    node: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawNode {
+    name: String,
+    address: String,
+    disk: String,
+    device: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: String,
+    pub secret_file: PathBuf,
+    pub run_dir: PathBuf,
+    pub resources: Vec<ResourceConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResourceConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    pub al_extents: u32,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub resync_window_bytes: u64,
+    pub nodes: [NodeConfig; 2],
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub disk: PathBuf,
+    /// Where the device link goes on this node (default `/dev/tandem/RES`).
+    pub device: PathBuf,
+}
+
+impl ResourceConfig {
+    /// This node and its peer, by name.
+    pub fn local_and_peer(&self, node: &str) -> Option<(&NodeConfig, &NodeConfig)> {
+        match (&self.nodes[0], &self.nodes[1]) {
+            (a, b) if a.name == node => Some((a, b)),
+            (a, b) if b.name == node => Some((b, a)),
+            _ => None,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            file: file.clone(),
+            err,
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            msg: e.to_string().trim().replace('\n', " "),
+        })?;
+        let key_err = |key: String, msg: String| ConfigError::Key {
+            file: file.to_string(),
+            key,
+            msg,
+        };
+        if raw.resource.is_empty() {
+            return Err(key_err("resource".into(), "no resource defined".into()));
+        }
+        let mut resources = Vec::new();
+        for (name, r) in raw.resource {
+            let k = |s: &str| format!("resource.{name}.{s}");
+            if name.is_empty()
+                || name.len() > 63
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(key_err(
+                    format!("resource.{name}"),
+                    "resource names are 1-63 characters of [A-Za-z0-9_-]".into(),
+                ));
+            }
+            let protocol = match r.protocol.as_deref() {
+                None => Protocol::C,
+                Some(p) => Protocol::parse(p).ok_or_else(|| {
+                    key_err(
+                        k("protocol"),
+                        format!("{p:?} is not a protocol; use \"A\", \"B\" or \"C\""),
+                    )
+                })?,
+            };
+            if let Some(v) = r.on_no_quorum.as_deref() {
+                if !matches!(v, "suspend-io" | "io-error") {
+                    return Err(key_err(
+                        k("on-no-quorum"),
+                        format!("{v:?}: use \"suspend-io\" or \"io-error\""),
+                    ));
+                }
+            }
+            if let Some(v) = r.fencing.as_deref() {
+                if !matches!(v, "none" | "resource" | "stonith") {
+                    return Err(key_err(
+                        k("fencing"),
+                        format!("{v:?}: use \"none\", \"resource\" or \"stonith\""),
+                    ));
+                }
+            }
+            if let Some(w) = r.witness.as_deref() {
+                w.parse::<SocketAddr>().map_err(|_| {
+                    key_err(k("witness"), format!("{w:?} is not an IP:port address"))
+                })?;
+            }
+            let al_extents = r.al_extents.unwrap_or(256);
+            if al_extents == 0 || al_extents as usize > crate::core::al::MAX_EXTENTS {
+                return Err(key_err(
+                    k("al-extents"),
+                    format!("must be 1..={}", crate::core::al::MAX_EXTENTS),
+                ));
+            }
+            let ping_interval_ms = r.ping_interval_ms.unwrap_or(1000);
+            let ping_timeout_ms = r.ping_timeout_ms.unwrap_or(5000);
+            if ping_interval_ms == 0 || ping_timeout_ms <= ping_interval_ms {
+                return Err(key_err(
+                    k("ping-timeout-ms"),
+                    "must be greater than ping-interval-ms (> 0)".into(),
+                ));
+            }
+            if r.node.len() != 2 {
+                return Err(key_err(
+                    k("node"),
+                    format!(
+                        "exactly two [[resource.{name}.node]] entries needed, found {}",
+                        r.node.len()
+                    ),
+                ));
+            }
+            let mut nodes = Vec::new();
+            for (i, n) in r.node.into_iter().enumerate() {
+                let nk = |s: &str| format!("resource.{name}.node[{i}].{s}");
+                if n.name.is_empty() {
+                    return Err(key_err(nk("name"), "must not be empty".into()));
+                }
+                let address = n.address.parse::<SocketAddr>().map_err(|_| {
+                    key_err(
+                        nk("address"),
+                        format!("{:?} is not an IP:port address", n.address),
+                    )
+                })?;
+                if n.disk.is_empty() {
+                    return Err(key_err(nk("disk"), "missing backing disk path".into()));
+                }
+                let device = n
+                    .device
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(format!("/dev/tandem/{name}")));
+                nodes.push(NodeConfig {
+                    name: n.name,
+                    address,
+                    disk: PathBuf::from(n.disk),
+                    device,
+                });
+            }
+            if nodes[0].name == nodes[1].name {
+                return Err(key_err(
+                    k("node"),
+                    format!("both nodes are named {:?}", nodes[0].name),
+                ));
+            }
+            let b = nodes
+                .pop()
+                .ok_or_else(|| key_err(k("node"), "missing".into()))?;
+            let a = nodes
+                .pop()
+                .ok_or_else(|| key_err(k("node"), "missing".into()))?;
+            resources.push(ResourceConfig {
+                name,
+                protocol,
+                al_extents,
+                ping_interval_ms,
+                ping_timeout_ms,
+                resync_window_bytes: r.resync_window_bytes.unwrap_or(4 << 20),
+                nodes: [a, b],
+            });
+        }
+        Ok(Config {
+            file: file.to_string(),
+            secret_file: PathBuf::from(
+                raw.global
+                    .secret_file
+                    .unwrap_or_else(|| "/etc/tandem/secret".into()),
+            ),
+            run_dir: PathBuf::from(raw.global.run_dir.unwrap_or_else(|| "/run/tandem".into())),
+            resources,
+        })
+    }
+
+    pub fn resource(&self, name: &str) -> Option<&ResourceConfig> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+
+    /// Check that this node appears in every resource and its disk exists.
+    pub fn check_node(&self, node: &str) -> Result<(), ConfigError> {
+        for r in &self.resources {
+            let (local, _) = r.local_and_peer(node).ok_or_else(|| ConfigError::Key {
+                file: self.file.clone(),
+                key: format!("resource.{}.node", r.name),
+                msg: format!("no node named {node:?} (use --node NAME)"),
+            })?;
+            if !local.disk.exists() {
+                return Err(ConfigError::Key {
+                    file: self.file.clone(),
+                    key: format!("resource.{}.node.disk", r.name),
+                    msg: format!("{} does not exist", local.disk.display()),
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! The activity log: the set of "hot" extents that may hold writes the peer does not have.
+//!
+//! A write to an extent outside the set first commits an AL transaction. After a primary
+//! crash every extent in the last committed set counts as out of sync. Each transaction is
+//! one 4 KiB block in a ring, carrying the whole active set, a number and a CRC, so that
+//! recovery takes the newest valid block and a torn write costs nothing.
+
+use std::collections::HashMap;
+
+pub const TXN_BYTES: usize = 4096;
+const TXN_MAGIC: u32 = 0x4C41_4E54; // "TNAL"
+const TXN_VERSION: u16 = 1;
+const TXN_HEADER: usize = 16;
+/// Largest active set one transaction block can carry.
+pub const MAX_EXTENTS: usize = (TXN_BYTES - TXN_HEADER - 4) / 4;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlTxn {
+    pub number: u64,
+    pub extents: Vec<u32>,
+}
+
+impl AlTxn {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; TXN_BYTES];
+        b[0..4].copy_from_slice(&TXN_MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&TXN_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&(self.extents.len() as u16).to_le_bytes());
+        b[8..16].copy_from_slice(&self.number.to_le_bytes());
+        for (i, e) in self.extents.iter().enumerate() {
+            let o = TXN_HEADER + i * 4;
+            b[o..o + 4].copy_from_slice(&e.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&b[..TXN_BYTES - 4]);
+        b[TXN_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// `None` for a block that is empty, torn or not a transaction.
+    pub fn decode(b: &[u8]) -> Option<AlTxn> {
+        if b.len() < TXN_BYTES {
+            return None;
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        if u32_at(0) != TXN_MAGIC || u16::from_le_bytes([b[4], b[5]]) != TXN_VERSION {
+            return None;
+        }
+        if crc32fast::hash(&b[..TXN_BYTES - 4]) != u32_at(TXN_BYTES - 4) {
+            return None;
+        }
+        let count = u16::from_le_bytes([b[6], b[7]]) as usize;
+        if count > MAX_EXTENTS {
+            return None;
+        }
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&b[8..16]);
+        let extents = (0..count).map(|i| u32_at(TXN_HEADER + i * 4)).collect();
+        Some(AlTxn {
+            number: u64::from_le_bytes(n),
+            extents,
+        })
+    }
+
+    /// The newest valid transaction in a ring of `TXN_BYTES` blocks.
+    pub fn newest_in_ring(ring: &[u8]) -> Option<AlTxn> {
+        ring.chunks(TXN_BYTES)
+            .filter_map(AlTxn::decode)
+            .max_by_key(|t| t.number)
+    }
+}
+
+/// In-memory activity log: active extents in LRU order, with reference counts of the
+/// writes using them.
+#[derive(Debug, Clone)]
+pub struct ActivityLog {
+    capacity: usize,
+    extent_bytes: u64,
+    ring_slots: u64,
+    /// Front = least recently used.
+    active: Vec<u32>,
+    refs: HashMap<u32, u32>,
+    last_txn: u64,
+}
+
+/// Why an extent set cannot be made active now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlBlocked {
+    /// Every slot holds an extent with writes in flight; wait for one to finish.
+    AllSlotsBusy,
+}
+
+impl ActivityLog {
+    pub fn new(capacity: usize, extent_bytes: u64, ring_slots: u64) -> ActivityLog {
+        ActivityLog {
+            capacity: capacity.clamp(1, MAX_EXTENTS),
+            extent_bytes,
+            ring_slots: ring_slots.max(1),
+            active: Vec::new(),
+            refs: HashMap::new(),
+            last_txn: 0,
+        }
+    }
+
+    /// Restore from the newest committed transaction.
+    pub fn restore(&mut self, txn: &AlTxn) {
+        self.active = txn.extents.iter().copied().take(self.capacity).collect();
+        self.last_txn = txn.number;
+    }
+
+    pub fn extent_bytes(&self) -> u64 {
+        self.extent_bytes
+    }
+    pub fn active_extents(&self) -> &[u32] {
+        &self.active
+    }
+    pub fn last_txn(&self) -> u64 {
+        self.last_txn
+    }
+
+    pub fn extents_of(&self, offset: u64, len: u64) -> std::ops::Range<u32> {
+        let first = offset / self.extent_bytes;
+        let last = (offset + len.max(1) - 1) / self.extent_bytes;
+        first as u32..last as u32 + 1
+    }
+
+    /// Extents of the range that are not active yet.
+    pub fn missing(&self, extents: std::ops::Range<u32>) -> Vec<u32> {
+        extents.filter(|e| !self.active.contains(e)).collect()
+    }
+
+    /// Make `missing` active, evicting idle extents. Returns the evicted extents and the
+    /// transaction to commit before any write to the new extents may start.
+    pub fn plan(&mut self, missing: &[u32]) -> Result<(Vec<u32>, AlTxn, u64), AlBlocked> {
+        let need = (self.active.len() + missing.len()).saturating_sub(self.capacity);
+        let idle: Vec<u32> = self
+            .active
+            .iter()
+            .copied()
+            .filter(|e| self.refs.get(e).copied().unwrap_or(0) == 0)
+            .take(need)
+            .collect();
+        if idle.len() < need {
+            return Err(AlBlocked::AllSlotsBusy);
+        }
+        self.active.retain(|e| !idle.contains(e));
+        self.active.extend_from_slice(missing);
+        self.last_txn += 1;
+        let txn = AlTxn {
+            number: self.last_txn,
+            extents: self.active.clone(),
+        };
+        let slot = self.last_txn % self.ring_slots;
+        Ok((idle, txn, slot))
+    }
+
+    /// A write starts using the extents (they must be active).
+    pub fn acquire(&mut self, extents: std::ops::Range<u32>) {
+        for e in extents {
+            *self.refs.entry(e).or_insert(0) += 1;
+            if let Some(pos) = self.active.iter().position(|&x| x == e) {
+                let x = self.active.remove(pos);
+                self.active.push(x);
+            }
+        }
+    }
+
+    pub fn release(&mut self, extents: std::ops::Range<u32>) {
+        for e in extents {
+            if let Some(r) = self.refs.get_mut(&e) {
+                *r -= 1;
+                if *r == 0 {
+                    self.refs.remove(&e);
+                }
+            }
+        }
+    }
+
+    /// A clean shutdown: nothing is hot any more.
+    pub fn clear(&mut self) -> (AlTxn, u64) {
+        self.active.retain(|e| self.refs.contains_key(e));
+        self.last_txn += 1;
+        (
+            AlTxn {
+                number: self.last_txn,
+                extents: self.active.clone(),
+            },
+            self.last_txn % self.ring_slots,
+        )
+    }
+}

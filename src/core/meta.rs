@@ -1,0 +1,315 @@
+//! On-disk metadata: layout of the internal metadata area and the superblock format.
+//!
+//! The metadata lives at the end of the backing device:
+//! `[ data | bitmap | activity-log ring | superblock ]`, every part 4 KiB aligned. The
+//! superblock carries a magic, a version, the sizes, the node, the generation UUIDs, the
+//! flags and a CRC over all of it. Pure encode/decode; the shells do the I/O.
+
+use crate::core::bitmap::Bitmap;
+use crate::core::uuid::{Generation, HISTORY_LEN};
+
+pub const SUPERBLOCK_BYTES: u64 = 4096;
+pub const MAGIC: u64 = u64::from_le_bytes(*b"TANDEMSB");
+pub const VERSION: u32 = 1;
+pub const ALIGN: u64 = 4096;
+const NAME_BYTES: usize = 64;
+
+pub const FLAG_CONSISTENT: u32 = 1;
+pub const FLAG_OUTDATED: u32 = 2;
+/// Set while primary; found set at attach means the node crashed as primary.
+pub const FLAG_PRIMARY_ACTIVE: u32 = 4;
+/// The activity log of a crashed primary was folded into the bitmap and must be resynced
+/// with this node as source.
+pub const FLAG_CRASHED_PRIMARY: u32 = 8;
+
+/// Where each part of the metadata lives on the backing device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub device_bytes: u64,
+    pub data_bytes: u64,
+    pub block_bytes: u64,
+    pub bitmap_offset: u64,
+    pub bitmap_bytes: u64,
+    pub al_offset: u64,
+    pub al_slots: u64,
+    pub superblock_offset: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetaError {
+    #[error("backing device of {0} bytes is too small for the metadata")]
+    TooSmall(u64),
+    #[error("no Tandem metadata (no superblock magic at byte {0}); run `tandemctl create-md`")]
+    NoMagic(u64),
+    #[error(
+        "superblock at byte {offset} is corrupt: CRC {found:#010x}, expected {expected:#010x}"
+    )]
+    BadCrc {
+        offset: u64,
+        found: u32,
+        expected: u32,
+    },
+    #[error("superblock version {0} is not supported (this build knows version {VERSION})")]
+    Version(u32),
+    #[error("superblock is inconsistent: {0}")]
+    Invalid(String),
+}
+
+impl Layout {
+    /// Compute the layout for a backing device of `device_bytes`.
+    pub fn compute(
+        device_bytes: u64,
+        block_bytes: u64,
+        al_slots: u64,
+    ) -> Result<Layout, MetaError> {
+        let dev = device_bytes / ALIGN * ALIGN;
+        let al_bytes = al_slots * crate::core::al::TXN_BYTES as u64;
+        let fixed = SUPERBLOCK_BYTES + al_bytes;
+        if dev <= fixed + 2 * ALIGN {
+            return Err(MetaError::TooSmall(device_bytes));
+        }
+        let rough = dev - fixed - Bitmap::disk_bytes(dev, block_bytes);
+        let data_bytes = rough / block_bytes * block_bytes;
+        if data_bytes == 0 {
+            return Err(MetaError::TooSmall(device_bytes));
+        }
+        let bitmap_bytes = Bitmap::disk_bytes(data_bytes, block_bytes);
+        let superblock_offset = dev - SUPERBLOCK_BYTES;
+        let al_offset = superblock_offset - al_bytes;
+        let bitmap_offset = al_offset - bitmap_bytes;
+        Ok(Layout {
+            device_bytes,
+            data_bytes,
+            block_bytes,
+            bitmap_offset,
+            bitmap_bytes,
+            al_offset,
+            al_slots,
+            superblock_offset,
+        })
+    }
+
+    /// First byte of the metadata area.
+    pub fn metadata_start(&self) -> u64 {
+        self.bitmap_offset
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub flags: u32,
+    pub layout: Layout,
+    pub al_extent_bytes: u64,
+    pub al_extents: u32,
+    pub gen: Generation,
+    pub resource: String,
+    pub node: String,
+}
+
+fn put_name(b: &mut [u8], s: &str) {
+    let n = s.len().min(NAME_BYTES - 1);
+    b[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+fn get_name(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+impl Superblock {
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+    pub fn set(&mut self, flag: u32, on: bool) {
+        if on {
+            self.flags |= flag
+        } else {
+            self.flags &= !flag
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SUPERBLOCK_BYTES as usize];
+        let l = &self.layout;
+        b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        b[16..24].copy_from_slice(&l.device_bytes.to_le_bytes());
+        b[24..32].copy_from_slice(&l.data_bytes.to_le_bytes());
+        b[32..36].copy_from_slice(&(l.block_bytes as u32).to_le_bytes());
+        b[36..40].copy_from_slice(&(self.al_extent_bytes as u32).to_le_bytes());
+        b[40..44].copy_from_slice(&self.al_extents.to_le_bytes());
+        b[44..48].copy_from_slice(&(l.al_slots as u32).to_le_bytes());
+        b[48..56].copy_from_slice(&l.bitmap_offset.to_le_bytes());
+        b[56..64].copy_from_slice(&l.al_offset.to_le_bytes());
+        b[64..72].copy_from_slice(&l.superblock_offset.to_le_bytes());
+        b[72..80].copy_from_slice(&self.gen.current.to_le_bytes());
+        b[80..88].copy_from_slice(&self.gen.bitmap.to_le_bytes());
+        for i in 0..HISTORY_LEN {
+            b[88 + 8 * i..96 + 8 * i].copy_from_slice(&self.gen.history[i].to_le_bytes());
+        }
+        put_name(&mut b[128..128 + NAME_BYTES], &self.resource);
+        put_name(&mut b[192..192 + NAME_BYTES], &self.node);
+        let crc = crc32fast::hash(&b[..4092]);
+        b[4092..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decode and check a superblock read from `offset`.
+    pub fn decode(b: &[u8], offset: u64) -> Result<Superblock, MetaError> {
+        if b.len() < SUPERBLOCK_BYTES as usize {
+            return Err(MetaError::Invalid(format!(
+                "short superblock: {} bytes",
+                b.len()
+            )));
+        }
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        if u64_at(0) != MAGIC {
+            return Err(MetaError::NoMagic(offset));
+        }
+        let expected = crc32fast::hash(&b[..4092]);
+        let found = u32_at(4092);
+        if found != expected {
+            return Err(MetaError::BadCrc {
+                offset,
+                found,
+                expected,
+            });
+        }
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(MetaError::Version(version));
+        }
+        let layout = Layout {
+            device_bytes: u64_at(16),
+            data_bytes: u64_at(24),
+            block_bytes: u32_at(32) as u64,
+            bitmap_offset: u64_at(48),
+            bitmap_bytes: 0,
+            al_offset: u64_at(56),
+            al_slots: u32_at(44) as u64,
+            superblock_offset: u64_at(64),
+        };
+        let mut layout = layout;
+        if layout.block_bytes == 0 || !layout.block_bytes.is_multiple_of(512) {
+            return Err(MetaError::Invalid(format!(
+                "block size {}",
+                layout.block_bytes
+            )));
+        }
+        layout.bitmap_bytes = Bitmap::disk_bytes(layout.data_bytes, layout.block_bytes);
+        if layout.data_bytes > layout.bitmap_offset
+            || layout.bitmap_offset + layout.bitmap_bytes > layout.al_offset
+            || layout.al_offset + layout.al_slots * 4096 > layout.superblock_offset
+            || layout.superblock_offset != offset
+        {
+            return Err(MetaError::Invalid(
+                "area offsets do not fit together".into(),
+            ));
+        }
+        let mut history = [0u64; HISTORY_LEN];
+        for (i, h) in history.iter_mut().enumerate() {
+            *h = u64_at(88 + 8 * i);
+        }
+        let al_extent_bytes = u32_at(36) as u64;
+        if al_extent_bytes == 0 || !al_extent_bytes.is_multiple_of(layout.block_bytes) {
+            return Err(MetaError::Invalid(format!(
+                "AL extent size {al_extent_bytes}"
+            )));
+        }
+        Ok(Superblock {
+            flags: u32_at(12),
+            layout,
+            al_extent_bytes,
+            al_extents: u32_at(40),
+            gen: Generation {
+                current: u64_at(72),
+                bitmap: u64_at(80),
+                history,
+            },
+            resource: get_name(&b[128..128 + NAME_BYTES]),
+            node: get_name(&b[192..192 + NAME_BYTES]),
+        })
+    }
+}
+
+/// Everything `attach` reads from the metadata area.
+#[derive(Debug, Clone)]
+pub struct Metadata {
+    pub sb: Superblock,
+    pub bitmap_bytes: Vec<u8>,
+    pub al_ring: Vec<u8>,
+}
+
+impl Superblock {
+    /// A fresh superblock as `create-md` writes it. With `clean_uuid` the node starts
+    /// consistent with that current UUID (both nodes of a new, empty pair given the same
+    /// UUID skip the initial full sync); without it, it starts inconsistent and just
+    /// created.
+    pub fn fresh(
+        layout: Layout,
+        resource: &str,
+        node: &str,
+        al_extent_bytes: u64,
+        al_extents: u32,
+        clean_uuid: Option<u64>,
+    ) -> Superblock {
+        let mut gen = Generation::just_created();
+        let mut flags = 0;
+        if let Some(u) = clean_uuid {
+            gen.current = u & !1 | 0x10;
+            flags |= FLAG_CONSISTENT;
+        }
+        Superblock {
+            flags,
+            layout,
+            al_extent_bytes,
+            al_extents,
+            gen,
+            resource: resource.to_string(),
+            node: node.to_string(),
+        }
+    }
+}
+
+/// The UUID both nodes of a new pair get from `create-md --assume-clean`: derived from
+/// what they share, so that no coordination is needed.
+pub fn assume_clean_uuid(resource: &str, data_bytes: u64) -> u64 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(resource.as_bytes());
+    h.update(&data_bytes.to_le_bytes());
+    let a = h.finalize() as u64;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&data_bytes.to_le_bytes());
+    h.update(resource.as_bytes());
+    (a << 32) | h.finalize() as u64
+}
+
+impl Metadata {
+    /// Read and check all metadata through `read(offset, len)`, given the size of the
+    /// backing device.
+    pub fn read_with(
+        device_bytes: u64,
+        mut read: impl FnMut(u64, usize) -> Vec<u8>,
+    ) -> Result<Metadata, MetaError> {
+        let dev = device_bytes / ALIGN * ALIGN;
+        if dev < SUPERBLOCK_BYTES {
+            return Err(MetaError::TooSmall(device_bytes));
+        }
+        let off = dev - SUPERBLOCK_BYTES;
+        let sb = Superblock::decode(&read(off, SUPERBLOCK_BYTES as usize), off)?;
+        let l = sb.layout;
+        let bitmap_bytes = read(l.bitmap_offset, l.bitmap_bytes as usize);
+        let al_ring = read(l.al_offset, (l.al_slots * 4096) as usize);
+        Ok(Metadata {
+            sb,
+            bitmap_bytes,
+            al_ring,
+        })
+    }
+}

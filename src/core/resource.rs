@@ -1,0 +1,1775 @@
+//! One replicated resource as a pure state machine.
+//!
+//! # Driving it
+//!
+//! Feed events with the `handle_*` methods, each carrying `now`; then drain
+//! [`Resource::poll_action`] until it returns `None` and carry every action out; arm a
+//! timer for [`Resource::poll_timeout`] and call [`Resource::handle_timeout`] when it
+//! fires. Nothing happens behind the driver's back: no clock is read, no thread started.
+//!
+//! Persist before you acknowledge: metadata changes come out as
+//! [`Action::MetaWrite`], one at a time, and the core holds back every write (and every
+//! acknowledgement that depends on it) until the driver reports the metadata durable with
+//! [`Resource::handle_disk_done`]. A driver that completes `MetaWrite` before it is on
+//! stable storage breaks the crash guarantees.
+//!
+//! Buffers: application writes and received block data stay in the driver, named by
+//! [`BufId`]; the core says which buffer to write, send or read into, and when the driver
+//! may drop it ([`Action::ReleaseBuf`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::core::al::{ActivityLog, AlTxn};
+use crate::core::bitmap::{Bitmap, PAGE_BYTES};
+use crate::core::meta::{self, Metadata, Superblock};
+use crate::core::uuid::{self, Generation, SyncDecision, UuidView};
+use crate::core::wire::{self, Hello, Msg};
+use crate::core::{Instant, Protocol, SplitMix64};
+
+/// An application request; for writes also the name of the buffer holding its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReqId(pub u64);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BufId(pub u64);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IoId(pub u64);
+
+/// Buffers the core asks the driver to allocate (resync reads) have this bit set, so they
+/// never collide with the driver's own buffer names.
+pub const CORE_BUF_BIT: u64 = 1 << 63;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskState {
+    UpToDate,
+    Outdated,
+    Inconsistent,
+    Diskless,
+    #[serde(rename = "dunknown")]
+    Unknown,
+}
+
+impl DiskState {
+    fn code(self) -> u8 {
+        match self {
+            DiskState::UpToDate => 1,
+            DiskState::Outdated => 2,
+            DiskState::Inconsistent => 3,
+            DiskState::Diskless => 4,
+            DiskState::Unknown => 0,
+        }
+    }
+    fn from_code(c: u8) -> DiskState {
+        match c {
+            1 => DiskState::UpToDate,
+            2 => DiskState::Outdated,
+            3 => DiskState::Inconsistent,
+            4 => DiskState::Diskless,
+            _ => DiskState::Unknown,
+        }
+    }
+}
+
+/// Why an application request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqError {
+    /// The device is not writable here (not primary).
+    ReadOnly,
+    /// Outside the data area.
+    OutOfRange,
+    /// The local disk failed the request.
+    Io,
+}
+
+/// Operator commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCmd {
+    Promote { force: bool },
+    Demote,
+    Connect { discard_my_data: bool },
+    Disconnect,
+    Invalidate,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("the peer is primary; demote it first")]
+    PeerIsPrimary,
+    #[error(
+        "local disk is {0:?}, not UpToDate; `promote --force` would serve possibly stale data"
+    )]
+    NotUpToDate(DiskState),
+    #[error("local disk is a sync target right now; wait for the resync to finish")]
+    SyncTarget,
+    #[error("not allowed while primary; demote first")]
+    IsPrimary,
+    #[error("{0} application requests still in flight")]
+    Busy(usize),
+}
+
+/// Tuning that the config provides.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub resource: String,
+    pub local_node: String,
+    pub peer_node: String,
+    pub protocol: Protocol,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    /// Resync bytes in flight at most: keeps application I/O moving during a resync.
+    pub resync_window_bytes: u64,
+    pub resync_chunk_bytes: u64,
+    /// Seed for new generation UUIDs.
+    pub seed: u64,
+}
+
+/// Everything the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    DiskWrite {
+        io: IoId,
+        offset: u64,
+        buf: BufId,
+    },
+    /// Read `len` bytes into a new buffer named `buf`.
+    DiskRead {
+        io: IoId,
+        offset: u64,
+        len: u32,
+        buf: BufId,
+    },
+    DiskFlush {
+        io: IoId,
+    },
+    /// Write and make durable before reporting completion.
+    MetaWrite {
+        io: IoId,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    Send {
+        msg: Msg,
+        buf: Option<BufId>,
+    },
+    ReleaseBuf(BufId),
+    CompleteWrite {
+        req: ReqId,
+        result: Result<(), ReqError>,
+    },
+    CompleteFlush {
+        req: ReqId,
+        result: Result<(), ReqError>,
+    },
+    /// Close the peer connection now; the core has already forgotten it.
+    Disconnect {
+        reason: String,
+    },
+    /// Whether the driver should keep (re)connecting to the peer.
+    SetConnect(bool),
+    RoleChanged(Role),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Conn {
+    StandAlone,
+    Connecting,
+    /// Connected, waiting for the peer's hello.
+    WfHello,
+    /// Exchanging bitmaps before a resync.
+    WfBitmap {
+        source: bool,
+    },
+    /// Persisting the resync set before starting.
+    SyncStarting {
+        source: bool,
+    },
+    Established,
+    SyncSource,
+    SyncTarget,
+}
+
+/// A point-in-time view for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Status {
+    pub name: String,
+    pub role: Role,
+    pub disk: DiskState,
+    pub connection: &'static str,
+    pub replication: &'static str,
+    pub peer: PeerStatus,
+    pub quorum: bool,
+    pub term: u64,
+    pub protocol: &'static str,
+    pub out_of_sync_bytes: u64,
+    pub resync: ResyncStatus,
+    pub split_brain: bool,
+    pub last_error: Option<String>,
+    pub generation: GenStatus,
+    pub writes_in_flight: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub role: Role,
+    pub disk: DiskState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ResyncStatus {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub bytes_per_sec: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GenStatus {
+    pub current: String,
+    pub bitmap: String,
+    pub history: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerState {
+    /// Not sent to the peer: its blocks are marked out of sync.
+    NotReplicated,
+    Sent,
+    Received,
+    Written,
+}
+
+#[derive(Debug)]
+struct WriteReq {
+    offset: u64,
+    len: u64,
+    epoch: u64,
+    submitted: bool,
+    local_done: bool,
+    local_failed: bool,
+    peer: PeerState,
+    completed: bool,
+}
+
+#[derive(Debug)]
+struct FlushReq {
+    epoch: u64,
+    peer_needed: bool,
+    local_io: Option<IoId>,
+    local_done: bool,
+    local_failed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Write(ReqId),
+    Flush(ReqId),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerOpKind {
+    Data { seq: u64, epoch: u64 },
+    Resync,
+}
+
+#[derive(Debug)]
+struct PeerOp {
+    kind: PeerOpKind,
+    offset: u64,
+    len: u64,
+    buf: BufId,
+    io: Option<IoId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResyncStage {
+    Reading,
+    Sent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoPurpose {
+    AppWrite(ReqId),
+    AppFlush(ReqId),
+    PeerWrite,
+    PeerFlush(u64),
+    TargetDoneFlush,
+    ResyncRead { offset: u64, len: u64, buf: BufId },
+    Meta,
+}
+
+/// The one timer kind the core asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Timer {
+    /// Send the next keepalive ping.
+    Ping,
+    /// The peer has been silent too long.
+    PeerTimeout,
+    /// Close an epoch that has been open long enough, so the peer flushes it and the
+    /// transfer log drains even when the application never flushes.
+    EpochClose,
+}
+
+/// Writes per epoch at most (DRBD's max-epoch-size).
+pub const MAX_EPOCH_WRITES: u64 = 1024;
+/// An epoch with writes is closed after this long.
+pub const EPOCH_CLOSE_MS: u64 = 100;
+
+pub struct Resource {
+    p: Params,
+    sb: Superblock,
+    bitmap: Bitmap,
+    al: ActivityLog,
+    rng: SplitMix64,
+    role: Role,
+    conn: Conn,
+    peer_role: Role,
+    peer_disk: DiskState,
+    split_brain: bool,
+    last_error: Option<String>,
+    discard_my_data: bool,
+    actions: VecDeque<Action>,
+    next_io: u64,
+    next_buf: u64,
+    ios: HashMap<IoId, IoPurpose>,
+    // Metadata writes, one at a time so that they land in order.
+    meta_queue: VecDeque<(u64, Vec<u8>)>,
+    meta_in_flight: Option<IoId>,
+    al_txn_queued: bool,
+    // Primary side.
+    pending: VecDeque<Pending>,
+    writes: BTreeMap<ReqId, WriteReq>,
+    flushes: BTreeMap<ReqId, FlushReq>,
+    epoch: u64,
+    local_pending_by_epoch: BTreeMap<u64, usize>,
+    next_seq: u64,
+    seq_to_req: HashMap<u64, ReqId>,
+    peer_acked_epoch: Option<u64>,
+    /// Transfer log: writes the peer has but may not have flushed yet, as
+    /// `(epoch, offset, len)`. They keep their AL extents, and go to the bitmap if the
+    /// connection drops before the epoch's barrier is acknowledged.
+    tl: Vec<(u64, u64, u64)>,
+    epoch_writes: u64,
+    epoch_opened_at: Option<Instant>,
+    // Peer (secondary) side.
+    peer_ops: VecDeque<PeerOp>,
+    peer_ops_by_io: HashMap<IoId, usize>,
+    peer_barriers: VecDeque<u64>,
+    peer_barrier_flushing: bool,
+    // Resync.
+    resync_cursor: u64,
+    resync_in_flight: Vec<(u64, u64, ResyncStage)>,
+    resync_done_bytes: u64,
+    resync_total_bytes: u64,
+    resync_started: Instant,
+    resync_done_pending_gen: Option<Generation>,
+    // Keepalive.
+    last_rx: Instant,
+    next_ping: Option<Instant>,
+    ping_id: u64,
+    now: Instant,
+}
+
+impl Resource {
+    /// Attach to metadata read from disk. A node found with the primary flag still set
+    /// crashed as primary: its activity log is folded into the bitmap first.
+    pub fn new(p: Params, md: Metadata, now: Instant) -> Resource {
+        let sb = md.sb;
+        let mut bitmap = Bitmap::new(sb.layout.data_bytes, sb.layout.block_bytes);
+        bitmap.load(&md.bitmap_bytes);
+        let mut al = ActivityLog::new(
+            sb.al_extents as usize,
+            sb.al_extent_bytes,
+            sb.layout.al_slots,
+        );
+        if let Some(txn) = AlTxn::newest_in_ring(&md.al_ring) {
+            al.restore(&txn);
+        }
+        let rng = SplitMix64(p.seed);
+        let mut r = Resource {
+            p,
+            sb,
+            bitmap,
+            al,
+            rng,
+            role: Role::Secondary,
+            conn: Conn::Connecting,
+            peer_role: Role::Unknown,
+            peer_disk: DiskState::Unknown,
+            split_brain: false,
+            last_error: None,
+            discard_my_data: false,
+            actions: VecDeque::new(),
+            next_io: 1,
+            next_buf: 1,
+            ios: HashMap::new(),
+            meta_queue: VecDeque::new(),
+            meta_in_flight: None,
+            al_txn_queued: false,
+            pending: VecDeque::new(),
+            writes: BTreeMap::new(),
+            flushes: BTreeMap::new(),
+            epoch: 1,
+            local_pending_by_epoch: BTreeMap::new(),
+            next_seq: 1,
+            seq_to_req: HashMap::new(),
+            peer_acked_epoch: None,
+            tl: Vec::new(),
+            epoch_writes: 0,
+            epoch_opened_at: None,
+            peer_ops: VecDeque::new(),
+            peer_ops_by_io: HashMap::new(),
+            peer_barriers: VecDeque::new(),
+            peer_barrier_flushing: false,
+            resync_cursor: 0,
+            resync_in_flight: Vec::new(),
+            resync_done_bytes: 0,
+            resync_total_bytes: 0,
+            resync_started: now,
+            resync_done_pending_gen: None,
+            last_rx: now,
+            next_ping: None,
+            ping_id: 0,
+            now,
+        };
+        if r.sb.has(meta::FLAG_PRIMARY_ACTIVE) {
+            let extents: Vec<u32> = r.al.active_extents().to_vec();
+            let eb = r.al.extent_bytes();
+            for e in &extents {
+                r.bitmap.set_range(*e as u64 * eb, eb);
+            }
+            tracing::warn!(
+                resource = %r.p.resource,
+                extents = extents.len(),
+                "crashed as primary: activity log marked out of sync"
+            );
+            r.sb.set(meta::FLAG_PRIMARY_ACTIVE, false);
+            r.sb.set(meta::FLAG_CRASHED_PRIMARY, true);
+            r.persist_dirty_pages();
+            r.persist_superblock();
+        }
+        r.actions.push_back(Action::SetConnect(true));
+        r
+    }
+
+    // ----- queries -------------------------------------------------------------------
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn conn(&self) -> Conn {
+        self.conn
+    }
+    pub fn generation(&self) -> Generation {
+        self.sb.gen
+    }
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+    pub fn bitmap(&self) -> &Bitmap {
+        &self.bitmap
+    }
+    pub fn data_bytes(&self) -> u64 {
+        self.sb.layout.data_bytes
+    }
+
+    pub fn disk_state(&self) -> DiskState {
+        if !self.sb.has(meta::FLAG_CONSISTENT) {
+            DiskState::Inconsistent
+        } else if self.sb.has(meta::FLAG_OUTDATED) {
+            DiskState::Outdated
+        } else {
+            DiskState::UpToDate
+        }
+    }
+
+    fn connected(&self) -> bool {
+        !matches!(self.conn, Conn::StandAlone | Conn::Connecting)
+    }
+
+    /// Application writes go to the peer.
+    fn replicating(&self) -> bool {
+        matches!(self.conn, Conn::Established | Conn::SyncSource)
+    }
+
+    /// Nothing in flight anywhere: what the simulator waits for before comparing disks.
+    pub fn is_idle(&self) -> bool {
+        self.writes.is_empty()
+            && self.flushes.is_empty()
+            && self.pending.is_empty()
+            && self.peer_ops.is_empty()
+            && self.peer_barriers.is_empty()
+            && self.meta_in_flight.is_none()
+            && self.meta_queue.is_empty()
+            && self.resync_in_flight.is_empty()
+            && self.resync_done_pending_gen.is_none()
+            && self.tl.is_empty()
+    }
+
+    pub fn status(&self) -> Status {
+        let (connection, replication) = match self.conn {
+            Conn::StandAlone => ("standalone", "off"),
+            Conn::Connecting => ("connecting", "off"),
+            Conn::WfHello => ("connected", "handshake"),
+            Conn::WfBitmap { .. } | Conn::SyncStarting { .. } => ("connected", "wf-bitmap"),
+            Conn::Established => ("connected", "established"),
+            Conn::SyncSource => ("connected", "sync-source"),
+            Conn::SyncTarget => ("connected", "sync-target"),
+        };
+        let elapsed_ms = self.now.ms_since(self.resync_started).max(1);
+        let syncing = matches!(self.conn, Conn::SyncSource | Conn::SyncTarget);
+        let hex = |u: u64| format!("{u:016X}");
+        Status {
+            name: self.p.resource.clone(),
+            role: self.role,
+            disk: self.disk_state(),
+            connection,
+            replication,
+            peer: PeerStatus {
+                name: self.p.peer_node.clone(),
+                role: if self.connected() {
+                    self.peer_role
+                } else {
+                    Role::Unknown
+                },
+                disk: if self.connected() {
+                    self.peer_disk
+                } else {
+                    DiskState::Unknown
+                },
+            },
+            quorum: self.connected() || self.role == Role::Secondary,
+            term: 0,
+            protocol: self.p.protocol.as_str(),
+            out_of_sync_bytes: self.bitmap.out_of_sync_bytes(),
+            resync: ResyncStatus {
+                done_bytes: self.resync_done_bytes,
+                total_bytes: self.resync_total_bytes,
+                bytes_per_sec: if syncing {
+                    self.resync_done_bytes * 1000 / elapsed_ms
+                } else {
+                    0
+                },
+            },
+            split_brain: self.split_brain,
+            last_error: self.last_error.clone(),
+            generation: GenStatus {
+                current: hex(self.sb.gen.current),
+                bitmap: hex(self.sb.gen.bitmap),
+                history: self.sb.gen.history.iter().map(|&h| hex(h)).collect(),
+            },
+            writes_in_flight: self.writes.len(),
+        }
+    }
+
+    // ----- outputs -------------------------------------------------------------------
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The earliest deadline at which [`Resource::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = self.timer_deadlines();
+        t.iter().filter_map(|(_, d)| *d).min()
+    }
+
+    fn timer_deadlines(&self) -> [(Timer, Option<Instant>); 3] {
+        let connected = self.connected();
+        [
+            (
+                Timer::EpochClose,
+                self.epoch_opened_at.map(|t| t.plus_ms(EPOCH_CLOSE_MS)),
+            ),
+            (Timer::Ping, if connected { self.next_ping } else { None }),
+            (
+                Timer::PeerTimeout,
+                connected.then(|| self.last_rx.plus_ms(self.p.ping_timeout_ms)),
+            ),
+        ]
+    }
+
+    // ----- inputs --------------------------------------------------------------------
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        for (timer, deadline) in self.timer_deadlines() {
+            let Some(d) = deadline else { continue };
+            if d > now {
+                continue;
+            }
+            match timer {
+                Timer::Ping => {
+                    self.ping_id += 1;
+                    self.send(Msg::Ping { id: self.ping_id });
+                    self.next_ping = Some(now.plus_ms(self.p.ping_interval_ms));
+                }
+                Timer::EpochClose => self.close_epoch(),
+                Timer::PeerTimeout => {
+                    if self.connected() {
+                        self.drop_connection(format!(
+                            "peer silent for {} ms",
+                            now.ms_since(self.last_rx)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn handle_app_write(&mut self, now: Instant, req: ReqId, offset: u64, len: u64) {
+        self.now = now;
+        let err = if self.role != Role::Primary {
+            Some(ReqError::ReadOnly)
+        } else if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|e| e > self.data_bytes())
+        {
+            Some(ReqError::OutOfRange)
+        } else {
+            None
+        };
+        if let Some(e) = err {
+            self.actions.push_back(Action::CompleteWrite {
+                req,
+                result: Err(e),
+            });
+            self.actions.push_back(Action::ReleaseBuf(BufId(req.0)));
+            return;
+        }
+        self.writes.insert(
+            req,
+            WriteReq {
+                offset,
+                len,
+                epoch: 0,
+                submitted: false,
+                local_done: false,
+                local_failed: false,
+                peer: PeerState::NotReplicated,
+                completed: false,
+            },
+        );
+        self.pending.push_back(Pending::Write(req));
+        self.pump();
+    }
+
+    pub fn handle_app_flush(&mut self, now: Instant, req: ReqId) {
+        self.now = now;
+        self.flushes.insert(
+            req,
+            FlushReq {
+                epoch: 0,
+                peer_needed: false,
+                local_io: None,
+                local_done: false,
+                local_failed: false,
+            },
+        );
+        self.pending.push_back(Pending::Flush(req));
+        self.pump();
+    }
+
+    pub fn handle_disk_done(&mut self, now: Instant, io: IoId, ok: bool) {
+        self.now = now;
+        let Some(purpose) = self.ios.remove(&io) else {
+            return;
+        };
+        match purpose {
+            IoPurpose::AppWrite(req) => self.app_write_done(req, ok),
+            IoPurpose::AppFlush(req) => {
+                if let Some(f) = self.flushes.get_mut(&req) {
+                    f.local_done = true;
+                    f.local_failed = !ok;
+                }
+                self.check_flushes();
+            }
+            IoPurpose::PeerWrite => self.peer_write_done(io, ok),
+            IoPurpose::PeerFlush(epoch) => {
+                self.peer_barrier_flushing = false;
+                if self.peer_barriers.front() == Some(&epoch) {
+                    self.peer_barriers.pop_front();
+                    if self.connected() {
+                        self.send(Msg::BarrierAck { epoch });
+                    }
+                }
+                self.check_peer_barriers();
+            }
+            IoPurpose::TargetDoneFlush => {
+                if let Some(gen) = self.resync_done_pending_gen.take() {
+                    self.sb.gen = gen;
+                    self.sb.set(meta::FLAG_CONSISTENT, true);
+                    self.sb.set(meta::FLAG_OUTDATED, false);
+                    self.sb.set(meta::FLAG_CRASHED_PRIMARY, false);
+                    self.bitmap.clear_all();
+                    self.persist_dirty_pages();
+                    self.persist_superblock();
+                    tracing::info!(resource = %self.p.resource, "resync finished: up to date");
+                }
+            }
+            IoPurpose::ResyncRead { offset, len, buf } => {
+                let entry = self
+                    .resync_in_flight
+                    .iter_mut()
+                    .find(|e| e.0 == offset && e.1 == len && e.2 == ResyncStage::Reading);
+                match entry {
+                    Some(e) if ok && self.conn == Conn::SyncSource => {
+                        e.2 = ResyncStage::Sent;
+                        self.send_with(
+                            Msg::ResyncData {
+                                offset,
+                                len: len as u32,
+                            },
+                            Some(buf),
+                        );
+                    }
+                    _ => {
+                        self.resync_in_flight.retain(|e| {
+                            !(e.0 == offset && e.1 == len && e.2 == ResyncStage::Reading)
+                        });
+                        if !ok {
+                            self.last_error =
+                                Some(format!("read error at byte {offset} during resync"));
+                        }
+                    }
+                }
+                self.actions.push_back(Action::ReleaseBuf(buf));
+                self.pump();
+                self.pump_resync();
+            }
+            IoPurpose::Meta => {
+                if !ok {
+                    // The metadata is the source of truth; failing to write it is fatal
+                    // for this resource's guarantees. Keep going but say so loudly.
+                    tracing::error!(resource = %self.p.resource, "metadata write failed");
+                    self.last_error = Some("metadata write failed".into());
+                }
+                self.meta_in_flight = None;
+                self.issue_meta();
+                if self.meta_in_flight.is_none() {
+                    self.al_txn_queued = false;
+                    self.on_meta_idle();
+                }
+            }
+        }
+    }
+
+    /// The transport connected and authenticated the peer.
+    pub fn handle_peer_connected(&mut self, now: Instant) {
+        self.now = now;
+        if self.conn != Conn::Connecting {
+            return;
+        }
+        self.conn = Conn::WfHello;
+        self.peer_role = Role::Unknown;
+        self.peer_disk = DiskState::Unknown;
+        self.last_rx = now;
+        self.next_ping = Some(now.plus_ms(self.p.ping_interval_ms));
+        let mut flags = 0;
+        if self.sb.has(meta::FLAG_CRASHED_PRIMARY) {
+            flags |= wire::HELLO_CRASHED_PRIMARY;
+        }
+        match self.disk_state() {
+            DiskState::Inconsistent => flags |= wire::HELLO_INCONSISTENT,
+            DiskState::Outdated => flags |= wire::HELLO_OUTDATED,
+            _ => {}
+        }
+        if self.role == Role::Primary {
+            flags |= wire::HELLO_PRIMARY;
+        }
+        if self.discard_my_data {
+            flags |= wire::HELLO_DISCARD_MY_DATA;
+        }
+        self.send(Msg::Hello(Hello {
+            version: wire::PROTOCOL_VERSION,
+            resource: self.p.resource.clone(),
+            node: self.p.local_node.clone(),
+            data_bytes: self.data_bytes(),
+            block_bytes: self.sb.layout.block_bytes,
+            gen: self.sb.gen,
+            flags,
+        }));
+    }
+
+    /// The transport lost the peer (EOF, error, reset).
+    pub fn handle_peer_disconnected(&mut self, now: Instant, reason: &str) {
+        self.now = now;
+        if !self.connected() {
+            return;
+        }
+        tracing::warn!(resource = %self.p.resource, %reason, "peer connection lost");
+        self.forget_peer(Conn::Connecting);
+    }
+
+    pub fn handle_peer_message(&mut self, now: Instant, msg: Msg, buf: Option<BufId>) {
+        self.now = now;
+        self.last_rx = now;
+        if !self.connected() {
+            if let Some(b) = buf {
+                self.actions.push_back(Action::ReleaseBuf(b));
+            }
+            return;
+        }
+        match msg {
+            Msg::Hello(h) => self.on_hello(h),
+            Msg::BitmapRuns { runs } => {
+                let n = self.bitmap.nbits();
+                for (s, l) in runs {
+                    if s < n {
+                        self.bitmap.set_bits(s..s.saturating_add(l).min(n));
+                    }
+                }
+            }
+            Msg::BitmapEnd => self.on_bitmap_end(),
+            Msg::Data {
+                seq,
+                epoch,
+                offset,
+                len,
+            } => match buf {
+                Some(b) if self.role != Role::Primary && self.in_range(offset, len as u64) => {
+                    if self.p.protocol == Protocol::B {
+                        self.send(Msg::RecvAck { seq });
+                    }
+                    self.peer_ops.push_back(PeerOp {
+                        kind: PeerOpKind::Data { seq, epoch },
+                        offset,
+                        len: len as u64,
+                        buf: b,
+                        io: None,
+                    });
+                    self.pump_peer();
+                }
+                _ => self.protocol_error("data write not acceptable here", buf),
+            },
+            Msg::ResyncData { offset, len } => match buf {
+                Some(b)
+                    if matches!(
+                        self.conn,
+                        Conn::SyncTarget | Conn::SyncStarting { source: false }
+                    ) && self.in_range(offset, len as u64) =>
+                {
+                    self.peer_ops.push_back(PeerOp {
+                        kind: PeerOpKind::Resync,
+                        offset,
+                        len: len as u64,
+                        buf: b,
+                        io: None,
+                    });
+                    self.pump_peer();
+                }
+                _ => self.protocol_error("resync data while not sync target", buf),
+            },
+            Msg::Barrier { epoch } => {
+                self.peer_barriers.push_back(epoch);
+                self.check_peer_barriers();
+            }
+            Msg::RecvAck { seq } => self.peer_ack(seq, PeerState::Received),
+            Msg::WriteAck { seq } => self.peer_ack(seq, PeerState::Written),
+            Msg::NegAck { seq } => {
+                if let Some(req) = self.seq_to_req.remove(&seq) {
+                    if let Some(w) = self.writes.get_mut(&req) {
+                        self.bitmap.set_range(w.offset, w.len);
+                        w.peer = PeerState::NotReplicated;
+                    }
+                    self.try_complete(req);
+                }
+            }
+            Msg::BarrierAck { epoch } => {
+                self.peer_acked_epoch = Some(self.peer_acked_epoch.map_or(epoch, |e| e.max(epoch)));
+                let al = &mut self.al;
+                self.tl.retain(|&(e, off, len)| {
+                    let keep = e > epoch;
+                    if !keep {
+                        al.release(al.extents_of(off, len));
+                    }
+                    keep
+                });
+                self.check_flushes();
+                self.pump();
+            }
+            Msg::ResyncAck { offset, len, ok } => {
+                let before = self.resync_in_flight.len();
+                self.resync_in_flight
+                    .retain(|e| !(e.0 == offset && e.1 == len as u64 && e.2 == ResyncStage::Sent));
+                if self.resync_in_flight.len() < before {
+                    if ok {
+                        self.bitmap.clear_range(offset, len as u64);
+                        self.resync_done_bytes += len as u64;
+                    }
+                    self.pump_resync();
+                }
+            }
+            Msg::ResyncDone { gen } => {
+                if self.conn == Conn::SyncTarget {
+                    self.conn = Conn::Established;
+                    self.resync_done_pending_gen = Some(gen);
+                    let io = self.new_io(IoPurpose::TargetDoneFlush);
+                    self.actions.push_back(Action::DiskFlush { io });
+                    self.peer_disk = DiskState::UpToDate;
+                } else {
+                    self.protocol_error("resync-done while not sync target", None);
+                }
+            }
+            Msg::State { primary, disk } => {
+                self.peer_role = if primary {
+                    Role::Primary
+                } else {
+                    Role::Secondary
+                };
+                self.peer_disk = DiskState::from_code(disk);
+            }
+            Msg::Ping { id } => self.send(Msg::PingAck { id }),
+            Msg::PingAck { .. } => {}
+            Msg::AuthChallenge { .. }
+            | Msg::AuthResponse { .. }
+            | Msg::AuthProof { .. }
+            | Msg::Attach { .. } => self.protocol_error("handshake message after handshake", buf),
+        }
+    }
+
+    pub fn handle_admin(&mut self, now: Instant, cmd: AdminCmd) -> Result<(), AdminError> {
+        self.now = now;
+        match cmd {
+            AdminCmd::Promote { force } => self.promote(force),
+            AdminCmd::Demote => {
+                if self.role != Role::Primary {
+                    return Ok(());
+                }
+                if !self.writes.is_empty() || !self.pending.is_empty() {
+                    return Err(AdminError::Busy(self.writes.len() + self.pending.len()));
+                }
+                self.role = Role::Secondary;
+                self.sb.set(meta::FLAG_PRIMARY_ACTIVE, false);
+                self.persist_dirty_pages();
+                self.persist_superblock();
+                self.actions.push_back(Action::RoleChanged(Role::Secondary));
+                self.send_state();
+                Ok(())
+            }
+            AdminCmd::Connect { discard_my_data } => {
+                if discard_my_data && self.role == Role::Primary {
+                    return Err(AdminError::IsPrimary);
+                }
+                self.discard_my_data = discard_my_data;
+                self.split_brain = false;
+                if self.conn == Conn::StandAlone {
+                    self.conn = Conn::Connecting;
+                }
+                self.actions.push_back(Action::SetConnect(true));
+                Ok(())
+            }
+            AdminCmd::Disconnect => {
+                if self.connected() {
+                    self.forget_peer(Conn::StandAlone);
+                    self.actions.push_back(Action::Disconnect {
+                        reason: "disconnect requested".into(),
+                    });
+                }
+                self.conn = Conn::StandAlone;
+                self.actions.push_back(Action::SetConnect(false));
+                Ok(())
+            }
+            AdminCmd::Invalidate => {
+                if self.role == Role::Primary {
+                    return Err(AdminError::IsPrimary);
+                }
+                self.sb.gen = Generation::just_created();
+                self.sb.set(meta::FLAG_CONSISTENT, false);
+                self.sb.set(meta::FLAG_CRASHED_PRIMARY, false);
+                self.bitmap.set_all();
+                self.persist_dirty_pages();
+                self.persist_superblock();
+                if self.connected() {
+                    self.restart_handshake("invalidate: full resync from the peer");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    // ----- roles ---------------------------------------------------------------------
+
+    fn promote(&mut self, force: bool) -> Result<(), AdminError> {
+        if self.role == Role::Primary {
+            return Ok(());
+        }
+        if self.connected() && self.peer_role == Role::Primary {
+            return Err(AdminError::PeerIsPrimary);
+        }
+        if matches!(
+            self.conn,
+            Conn::SyncTarget
+                | Conn::SyncStarting { source: false }
+                | Conn::WfBitmap { source: false }
+        ) {
+            return Err(AdminError::SyncTarget);
+        }
+        let disk = self.disk_state();
+        if disk != DiskState::UpToDate {
+            if !force {
+                return Err(AdminError::NotUpToDate(disk));
+            }
+            tracing::warn!(
+                resource = %self.p.resource, ?disk,
+                "forced promotion: this node's data now counts as the newest"
+            );
+            self.sb.set(meta::FLAG_CONSISTENT, true);
+            self.sb.set(meta::FLAG_OUTDATED, false);
+        }
+        let was_just_created = self.sb.gen.current == uuid::UUID_JUST_CREATED;
+        if !self.replicating() || was_just_created {
+            let fresh = self.rng.next_u64();
+            self.sb.gen.new_current(fresh);
+        }
+        self.role = Role::Primary;
+        self.sb.set(meta::FLAG_PRIMARY_ACTIVE, true);
+        self.persist_superblock();
+        self.actions.push_back(Action::RoleChanged(Role::Primary));
+        if self.connected() && was_just_created {
+            self.restart_handshake("new data generation after forced promotion");
+        } else {
+            self.send_state();
+        }
+        Ok(())
+    }
+
+    fn send_state(&mut self) {
+        if self.connected() {
+            self.send(Msg::State {
+                primary: self.role == Role::Primary,
+                disk: self.disk_state().code(),
+            });
+        }
+    }
+
+    // ----- connection ----------------------------------------------------------------
+
+    fn restart_handshake(&mut self, reason: &str) {
+        self.forget_peer(Conn::Connecting);
+        self.actions.push_back(Action::Disconnect {
+            reason: reason.into(),
+        });
+        self.actions.push_back(Action::SetConnect(true));
+    }
+
+    fn drop_connection(&mut self, reason: String) {
+        tracing::warn!(resource = %self.p.resource, %reason, "dropping peer connection");
+        self.forget_peer(Conn::Connecting);
+        self.actions.push_back(Action::Disconnect { reason });
+    }
+
+    fn protocol_error(&mut self, what: &str, buf: Option<BufId>) {
+        if let Some(b) = buf {
+            self.actions.push_back(Action::ReleaseBuf(b));
+        }
+        self.last_error = Some(format!("protocol error: {what}"));
+        self.drop_connection(format!("protocol error: {what}"));
+    }
+
+    fn go_standalone(&mut self, reason: String) {
+        tracing::error!(resource = %self.p.resource, %reason, "refusing peer; standing alone");
+        self.last_error = Some(reason.clone());
+        self.forget_peer(Conn::StandAlone);
+        self.actions.push_back(Action::Disconnect { reason });
+        self.actions.push_back(Action::SetConnect(false));
+    }
+
+    /// Everything the connection carried is gone: writes the peer did not confirm are out
+    /// of sync, flushes stop waiting for it, queued peer writes are dropped (the primary
+    /// marked them out of sync too).
+    fn forget_peer(&mut self, next: Conn) {
+        // Only losing an up-to-date peer starts a new generation; a sync target was not
+        // consistent anyway and the bitmap keeps counting for it.
+        let was_replicating = self.conn == Conn::Established;
+        self.conn = next;
+        for (_, req) in std::mem::take(&mut self.seq_to_req) {
+            if let Some(w) = self.writes.get_mut(&req) {
+                if w.peer != PeerState::Written {
+                    self.bitmap.set_range(w.offset, w.len);
+                }
+                w.peer = PeerState::NotReplicated;
+            }
+        }
+        for (_, off, len) in std::mem::take(&mut self.tl) {
+            self.bitmap.set_range(off, len);
+            self.al.release(self.al.extents_of(off, len));
+        }
+        self.epoch_writes = 0;
+        self.epoch_opened_at = None;
+        let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
+        for req in reqs {
+            self.try_complete(req);
+        }
+        for f in self.flushes.values_mut() {
+            f.peer_needed = false;
+        }
+        self.peer_acked_epoch = None;
+        // Peer writes already on their way to the disk finish; queued ones are dropped.
+        let mut kept = VecDeque::new();
+        for op in std::mem::take(&mut self.peer_ops) {
+            if op.io.is_some() {
+                kept.push_back(op);
+            } else {
+                self.actions.push_back(Action::ReleaseBuf(op.buf));
+            }
+        }
+        self.peer_ops = kept;
+        self.reindex_peer_ops();
+        self.peer_barriers.clear();
+        self.resync_in_flight
+            .retain(|e| e.2 == ResyncStage::Reading);
+        self.peer_role = Role::Unknown;
+        self.peer_disk = DiskState::Unknown;
+        self.next_ping = None;
+        if was_replicating && self.role == Role::Primary {
+            // Writing without the peer from now on: a new data generation.
+            let fresh = self.rng.next_u64();
+            self.sb.gen.new_current(fresh);
+            self.persist_superblock();
+        }
+        self.check_flushes();
+    }
+
+    fn on_hello(&mut self, h: Hello) {
+        if self.conn != Conn::WfHello {
+            return self.protocol_error("unexpected hello", None);
+        }
+        if h.version != wire::PROTOCOL_VERSION {
+            return self.go_standalone(format!(
+                "peer speaks protocol version {}, this node {}",
+                h.version,
+                wire::PROTOCOL_VERSION
+            ));
+        }
+        if h.resource != self.p.resource || h.node != self.p.peer_node {
+            return self.go_standalone(format!(
+                "peer is resource {:?} node {:?}, expected {:?} node {:?}",
+                h.resource, h.node, self.p.resource, self.p.peer_node
+            ));
+        }
+        if h.data_bytes != self.data_bytes() || h.block_bytes != self.sb.layout.block_bytes {
+            let msg = format!(
+                "peer's device has {} data bytes (block {}), this node's {} (block {}): sizes must match",
+                h.data_bytes,
+                h.block_bytes,
+                self.data_bytes(),
+                self.sb.layout.block_bytes
+            );
+            self.last_error = Some(msg.clone());
+            return self.drop_connection(msg);
+        }
+        let peer_primary = h.flags & wire::HELLO_PRIMARY != 0;
+        self.peer_role = if peer_primary {
+            Role::Primary
+        } else {
+            Role::Secondary
+        };
+        self.peer_disk = if h.flags & wire::HELLO_INCONSISTENT != 0 {
+            DiskState::Inconsistent
+        } else if h.flags & wire::HELLO_OUTDATED != 0 {
+            DiskState::Outdated
+        } else {
+            DiskState::UpToDate
+        };
+        let local = UuidView {
+            gen: self.sb.gen,
+            crashed_primary: self.sb.has(meta::FLAG_CRASHED_PRIMARY),
+            inconsistent: self.disk_state() == DiskState::Inconsistent,
+        };
+        let peer = UuidView {
+            gen: h.gen,
+            crashed_primary: h.flags & wire::HELLO_CRASHED_PRIMARY != 0,
+            inconsistent: h.flags & wire::HELLO_INCONSISTENT != 0,
+        };
+        let peer_discards = h.flags & wire::HELLO_DISCARD_MY_DATA != 0;
+        let (decision, rule) = if self.discard_my_data && peer_discards {
+            return self.go_standalone("both nodes asked to discard their data".into());
+        } else if self.discard_my_data {
+            (SyncDecision::TargetUseBitmap, "discard-my-data-local")
+        } else if peer_discards {
+            (SyncDecision::SourceUseBitmap, "discard-my-data-peer")
+        } else {
+            let tie = self.p.local_node < self.p.peer_node;
+            let (d, r) = uuid::compare(&local, &peer, tie);
+            (d, r.name())
+        };
+        tracing::info!(
+            resource = %self.p.resource,
+            "uuid_compare()={decision:?} by rule={rule} (local {:016X}/{:016X}, peer {:016X}/{:016X})",
+            local.gen.current, local.gen.bitmap, peer.gen.current, peer.gen.bitmap
+        );
+        if self.role == Role::Primary && peer_primary {
+            return self
+                .go_standalone(format!("both nodes are primary: split brain (rule={rule})"));
+        }
+        match decision {
+            SyncDecision::NoSync => {
+                self.discard_my_data = false;
+                self.conn = Conn::Established;
+                self.last_error = None;
+                self.send_state();
+                self.pump();
+            }
+            SyncDecision::SplitBrain => {
+                self.split_brain = true;
+                self.go_standalone(format!(
+                    "split brain detected (rule={rule}); resolve with `tandemctl connect --discard-my-data` on the node whose changes to drop"
+                ));
+            }
+            SyncDecision::Unrelated => self.go_standalone(format!(
+                "unrelated data on the peer (rule={rule}); refusing to connect"
+            )),
+            d => {
+                let source = matches!(
+                    d,
+                    SyncDecision::SourceUseBitmap | SyncDecision::SourceFullSync
+                );
+                let full = matches!(
+                    d,
+                    SyncDecision::SourceFullSync | SyncDecision::TargetFullSync
+                );
+                if !source && self.role == Role::Primary {
+                    return self.go_standalone(format!(
+                        "this primary would become sync target (rule={rule}); demote it first"
+                    ));
+                }
+                self.discard_my_data = false;
+                if full {
+                    self.bitmap.set_all();
+                }
+                let runs = self.bitmap.runs();
+                for chunk in runs.chunks(2048) {
+                    self.send(Msg::BitmapRuns {
+                        runs: chunk.to_vec(),
+                    });
+                }
+                self.send(Msg::BitmapEnd);
+                self.conn = Conn::WfBitmap { source };
+            }
+        }
+    }
+
+    fn on_bitmap_end(&mut self) {
+        let Conn::WfBitmap { source } = self.conn else {
+            return self.protocol_error("unexpected bitmap end", None);
+        };
+        if !source {
+            self.sb.set(meta::FLAG_CONSISTENT, false);
+            self.peer_disk = DiskState::UpToDate;
+        } else {
+            self.peer_disk = DiskState::Inconsistent;
+        }
+        self.conn = Conn::SyncStarting { source };
+        self.resync_total_bytes = self.bitmap.out_of_sync_bytes();
+        self.resync_done_bytes = 0;
+        self.resync_started = self.now;
+        self.resync_cursor = 0;
+        // The resync set must survive a crash of either side before any block moves.
+        self.persist_dirty_pages();
+        self.persist_superblock();
+    }
+
+    fn on_meta_idle(&mut self) {
+        if let Conn::SyncStarting { source } = self.conn {
+            tracing::info!(
+                resource = %self.p.resource,
+                bytes = self.resync_total_bytes,
+                "resync starts as {}", if source { "source" } else { "target" }
+            );
+            self.conn = if source {
+                Conn::SyncSource
+            } else {
+                Conn::SyncTarget
+            };
+            self.send_state();
+        }
+        self.pump();
+        self.pump_peer();
+        self.pump_resync();
+    }
+
+    // ----- metadata ------------------------------------------------------------------
+
+    fn persist_superblock(&mut self) {
+        let bytes = self.sb.encode();
+        self.meta_queue
+            .push_back((self.sb.layout.superblock_offset, bytes));
+        self.issue_meta();
+    }
+
+    fn persist_dirty_pages(&mut self) {
+        for page in self.bitmap.dirty_page_indices() {
+            self.persist_page(page);
+        }
+    }
+
+    fn persist_page(&mut self, page: usize) {
+        let bytes = self.bitmap.take_page(page);
+        let off = self.sb.layout.bitmap_offset + (page * PAGE_BYTES) as u64;
+        self.meta_queue.push_back((off, bytes));
+        self.issue_meta();
+    }
+
+    fn issue_meta(&mut self) {
+        if self.meta_in_flight.is_some() {
+            return;
+        }
+        if let Some((offset, bytes)) = self.meta_queue.pop_front() {
+            let io = self.new_io(IoPurpose::Meta);
+            self.meta_in_flight = Some(io);
+            self.actions
+                .push_back(Action::MetaWrite { io, offset, bytes });
+        }
+    }
+
+    fn meta_busy(&self) -> bool {
+        self.meta_in_flight.is_some() || !self.meta_queue.is_empty()
+    }
+
+    // ----- primary write path --------------------------------------------------------
+
+    fn overlaps(a_off: u64, a_len: u64, b_off: u64, b_len: u64) -> bool {
+        a_off < b_off + b_len && b_off < a_off + a_len
+    }
+
+    fn in_range(&self, offset: u64, len: u64) -> bool {
+        len > 0
+            && offset
+                .checked_add(len)
+                .is_some_and(|e| e <= self.data_bytes())
+    }
+
+    fn conflicts(&self, offset: u64, len: u64) -> bool {
+        self.writes
+            .values()
+            .any(|w| w.submitted && !w.local_done && Self::overlaps(w.offset, w.len, offset, len))
+            || self
+                .resync_in_flight
+                .iter()
+                .any(|e| e.2 == ResyncStage::Reading && Self::overlaps(e.0, e.1, offset, len))
+    }
+
+    /// Move queued writes and flushes forward, in order.
+    fn pump(&mut self) {
+        while let Some(&front) = self.pending.front() {
+            if self.meta_busy() {
+                return;
+            }
+            // While the handshake decides, writes wait: they must either all reach the
+            // peer or all be in the bitmap that is exchanged.
+            if matches!(
+                self.conn,
+                Conn::WfHello | Conn::WfBitmap { .. } | Conn::SyncStarting { .. }
+            ) {
+                return;
+            }
+            match front {
+                Pending::Write(req) => {
+                    let Some(w) = self.writes.get(&req) else {
+                        self.pending.pop_front();
+                        continue;
+                    };
+                    let (offset, len) = (w.offset, w.len);
+                    if self.conflicts(offset, len) {
+                        return;
+                    }
+                    let extents = self.al.extents_of(offset, len);
+                    let missing = self.al.missing(extents.clone());
+                    if !missing.is_empty() {
+                        if self.al_txn_queued {
+                            return;
+                        }
+                        match self.al.plan(&missing) {
+                            Err(_) => return,
+                            Ok((evicted, txn, slot)) => {
+                                // Bits of an evicted extent must be on disk before the AL
+                                // stops covering it.
+                                let eb = self.al.extent_bytes();
+                                for e in evicted {
+                                    let bits = self.bitmap.bits_touching(e as u64 * eb, eb);
+                                    for page in self.bitmap.pages_for_bit_range(bits) {
+                                        if self.bitmap.is_page_dirty(page) {
+                                            self.persist_page(page);
+                                        }
+                                    }
+                                }
+                                let off = self.sb.layout.al_offset + slot * 4096;
+                                self.meta_queue.push_back((off, txn.encode()));
+                                self.al_txn_queued = true;
+                                self.issue_meta();
+                                return;
+                            }
+                        }
+                    }
+                    self.pending.pop_front();
+                    self.al.acquire(extents);
+                    let epoch = self.epoch;
+                    let replicate = self.replicating();
+                    let seq = self.next_seq;
+                    if let Some(w) = self.writes.get_mut(&req) {
+                        w.submitted = true;
+                        w.epoch = epoch;
+                        w.peer = if replicate {
+                            PeerState::Sent
+                        } else {
+                            PeerState::NotReplicated
+                        };
+                    }
+                    *self.local_pending_by_epoch.entry(epoch).or_insert(0) += 1;
+                    let io = self.new_io(IoPurpose::AppWrite(req));
+                    self.actions.push_back(Action::DiskWrite {
+                        io,
+                        offset,
+                        buf: BufId(req.0),
+                    });
+                    if replicate {
+                        self.next_seq += 1;
+                        self.seq_to_req.insert(seq, req);
+                        self.epoch_writes += 1;
+                        self.epoch_opened_at.get_or_insert(self.now);
+                        self.send_with(
+                            Msg::Data {
+                                seq,
+                                epoch,
+                                offset,
+                                len: len as u32,
+                            },
+                            Some(BufId(req.0)),
+                        );
+                    } else {
+                        self.bitmap.set_range(offset, len);
+                    }
+                    if self.epoch_writes >= MAX_EPOCH_WRITES {
+                        self.close_epoch();
+                    }
+                }
+                Pending::Flush(req) => {
+                    self.pending.pop_front();
+                    let epoch = self.epoch;
+                    let replicate = self.replicating();
+                    self.close_epoch_now(replicate);
+                    if let Some(f) = self.flushes.get_mut(&req) {
+                        f.epoch = epoch;
+                        f.peer_needed = replicate && self.p.protocol != Protocol::A;
+                    }
+                    self.check_flushes();
+                }
+            }
+        }
+    }
+
+    fn close_epoch(&mut self) {
+        if self.epoch_writes > 0 {
+            let replicate = self.replicating();
+            self.close_epoch_now(replicate);
+        }
+        self.epoch_opened_at = None;
+    }
+
+    fn close_epoch_now(&mut self, send_barrier: bool) {
+        if send_barrier {
+            self.send(Msg::Barrier { epoch: self.epoch });
+        }
+        self.epoch += 1;
+        self.epoch_writes = 0;
+        self.epoch_opened_at = None;
+    }
+
+    fn app_write_done(&mut self, req: ReqId, ok: bool) {
+        if let Some(w) = self.writes.get_mut(&req) {
+            w.local_done = true;
+            w.local_failed = !ok;
+            let epoch = w.epoch;
+            if let Some(c) = self.local_pending_by_epoch.get_mut(&epoch) {
+                *c -= 1;
+                if *c == 0 {
+                    self.local_pending_by_epoch.remove(&epoch);
+                }
+            }
+        }
+        self.try_complete(req);
+        self.check_flushes();
+        self.pump();
+        self.pump_resync();
+    }
+
+    fn peer_ack(&mut self, seq: u64, state: PeerState) {
+        let Some(&req) = self.seq_to_req.get(&seq) else {
+            return;
+        };
+        if state == PeerState::Written {
+            self.seq_to_req.remove(&seq);
+        }
+        if let Some(w) = self.writes.get_mut(&req) {
+            if w.peer != PeerState::Written {
+                w.peer = state;
+            }
+        }
+        self.try_complete(req);
+    }
+
+    fn try_complete(&mut self, req: ReqId) {
+        let protocol = self.p.protocol;
+        let Some(w) = self.writes.get_mut(&req) else {
+            return;
+        };
+        if !w.completed && w.local_done {
+            let peer_ok = match w.peer {
+                PeerState::NotReplicated | PeerState::Written => true,
+                PeerState::Received => protocol != Protocol::C,
+                PeerState::Sent => protocol == Protocol::A,
+            };
+            if peer_ok || w.local_failed {
+                w.completed = true;
+                let result = if w.local_failed {
+                    Err(ReqError::Io)
+                } else {
+                    Ok(())
+                };
+                self.actions
+                    .push_back(Action::CompleteWrite { req, result });
+            }
+        }
+        let w = &self.writes[&req];
+        let finished =
+            w.completed && matches!(w.peer, PeerState::NotReplicated | PeerState::Written);
+        if finished {
+            if w.peer == PeerState::Written && self.peer_acked_epoch.is_none_or(|e| e < w.epoch) {
+                self.tl.push((w.epoch, w.offset, w.len));
+            } else {
+                let extents = self.al.extents_of(w.offset, w.len);
+                self.al.release(extents);
+            }
+            self.writes.remove(&req);
+            self.actions.push_back(Action::ReleaseBuf(BufId(req.0)));
+            // A freed AL slot may unblock a queued write.
+            if self.pending.front().is_some() {
+                self.pump();
+            }
+        }
+    }
+
+    fn check_flushes(&mut self) {
+        let oldest_pending_epoch = self.local_pending_by_epoch.keys().next().copied();
+        let mut done = Vec::new();
+        let mut to_issue = Vec::new();
+        for (&req, f) in self.flushes.iter_mut() {
+            if f.epoch == 0 {
+                continue; // still queued behind earlier writes
+            }
+            if f.local_io.is_none() && oldest_pending_epoch.is_none_or(|e| e > f.epoch) {
+                to_issue.push(req);
+            }
+            let peer_ok = !f.peer_needed || self.peer_acked_epoch.is_some_and(|e| e >= f.epoch);
+            if f.local_done && peer_ok {
+                done.push((req, f.local_failed));
+            }
+        }
+        for req in to_issue {
+            let io = self.new_io(IoPurpose::AppFlush(req));
+            if let Some(f) = self.flushes.get_mut(&req) {
+                f.local_io = Some(io);
+            }
+            self.actions.push_back(Action::DiskFlush { io });
+        }
+        for (req, failed) in done {
+            self.flushes.remove(&req);
+            let result = if failed { Err(ReqError::Io) } else { Ok(()) };
+            self.actions
+                .push_back(Action::CompleteFlush { req, result });
+        }
+    }
+
+    // ----- peer (secondary) write path -----------------------------------------------
+
+    fn reindex_peer_ops(&mut self) {
+        self.peer_ops_by_io.clear();
+        for (i, op) in self.peer_ops.iter().enumerate() {
+            if let Some(io) = op.io {
+                self.peer_ops_by_io.insert(io, i);
+            }
+        }
+    }
+
+    /// Submit received writes that do not overlap an earlier one still in flight, so that
+    /// overlapping writes land in the primary's order.
+    fn pump_peer(&mut self) {
+        if self.meta_busy()
+            || matches!(self.conn, Conn::WfBitmap { .. } | Conn::SyncStarting { .. })
+        {
+            return;
+        }
+        let mut issue = Vec::new();
+        for i in 0..self.peer_ops.len() {
+            let op = &self.peer_ops[i];
+            if op.io.is_some() {
+                continue;
+            }
+            let blocked = self
+                .peer_ops
+                .iter()
+                .take(i)
+                .any(|e| Self::overlaps(e.offset, e.len, op.offset, op.len));
+            if !blocked {
+                issue.push(i);
+            }
+        }
+        for i in issue {
+            let io = self.new_io(IoPurpose::PeerWrite);
+            let op = &mut self.peer_ops[i];
+            op.io = Some(io);
+            self.peer_ops_by_io.insert(io, i);
+            self.actions.push_back(Action::DiskWrite {
+                io,
+                offset: op.offset,
+                buf: op.buf,
+            });
+        }
+    }
+
+    fn peer_write_done(&mut self, io: IoId, ok: bool) {
+        let Some(i) = self.peer_ops_by_io.get(&io).copied() else {
+            return;
+        };
+        let Some(op) = self.peer_ops.remove(i) else {
+            return;
+        };
+        self.reindex_peer_ops();
+        self.actions.push_back(Action::ReleaseBuf(op.buf));
+        if self.connected() {
+            match op.kind {
+                PeerOpKind::Data { seq, .. } => {
+                    self.send(if ok {
+                        Msg::WriteAck { seq }
+                    } else {
+                        Msg::NegAck { seq }
+                    });
+                    if ok && self.conn == Conn::SyncTarget {
+                        self.bitmap.clear_range(op.offset, op.len);
+                    }
+                }
+                PeerOpKind::Resync => {
+                    if ok {
+                        self.bitmap.clear_range(op.offset, op.len);
+                        self.resync_done_bytes += op.len;
+                    }
+                    self.send(Msg::ResyncAck {
+                        offset: op.offset,
+                        len: op.len as u32,
+                        ok,
+                    });
+                }
+            }
+        }
+        if !ok {
+            self.last_error = Some(format!(
+                "write error at byte {} on behalf of the peer",
+                op.offset
+            ));
+        }
+        self.check_peer_barriers();
+        self.pump_peer();
+    }
+
+    fn check_peer_barriers(&mut self) {
+        if self.peer_barrier_flushing {
+            return;
+        }
+        let Some(&epoch) = self.peer_barriers.front() else {
+            return;
+        };
+        let waiting = self.peer_ops.iter().any(|op| match op.kind {
+            PeerOpKind::Data { epoch: e, .. } => e <= epoch,
+            PeerOpKind::Resync => false,
+        });
+        if !waiting {
+            self.peer_barrier_flushing = true;
+            let io = self.new_io(IoPurpose::PeerFlush(epoch));
+            self.actions.push_back(Action::DiskFlush { io });
+        }
+    }
+
+    // ----- resync source -------------------------------------------------------------
+
+    fn pump_resync(&mut self) {
+        if self.conn != Conn::SyncSource {
+            return;
+        }
+        let block = self.bitmap.block_bytes();
+        let chunk_blocks = (self.p.resync_chunk_bytes / block).max(1);
+        let mut scanned_from_start = self.resync_cursor == 0;
+        let in_flight_bytes = |s: &Self| s.resync_in_flight.iter().map(|e| e.1).sum::<u64>();
+        while in_flight_bytes(self) < self.p.resync_window_bytes {
+            let Some(start) = self.bitmap.next_set(self.resync_cursor) else {
+                if scanned_from_start {
+                    break;
+                }
+                self.resync_cursor = 0;
+                scanned_from_start = true;
+                continue;
+            };
+            let mut end = start + 1;
+            while end < self.bitmap.nbits() && end - start < chunk_blocks && self.bitmap.get(end) {
+                end += 1;
+            }
+            self.resync_cursor = end;
+            let offset = start * block;
+            let len = ((end - start) * block).min(self.data_bytes() - offset);
+            let busy = self
+                .resync_in_flight
+                .iter()
+                .any(|e| Self::overlaps(e.0, e.1, offset, len));
+            if busy || self.conflicts(offset, len) {
+                continue;
+            }
+            self.resync_in_flight
+                .push((offset, len, ResyncStage::Reading));
+            let buf = BufId(CORE_BUF_BIT | self.next_buf);
+            self.next_buf += 1;
+            let io = self.new_io(IoPurpose::ResyncRead { offset, len, buf });
+            self.actions.push_back(Action::DiskRead {
+                io,
+                offset,
+                len: len as u32,
+                buf,
+            });
+        }
+        if self.bitmap.count() == 0 && self.resync_in_flight.is_empty() {
+            self.sb.gen.clear_bitmap();
+            self.sb.set(meta::FLAG_CRASHED_PRIMARY, false);
+            self.send(Msg::ResyncDone { gen: self.sb.gen });
+            self.conn = Conn::Established;
+            self.peer_disk = DiskState::UpToDate;
+            self.persist_dirty_pages();
+            self.persist_superblock();
+            tracing::info!(resource = %self.p.resource, bytes = self.resync_done_bytes, "resync finished as source");
+        }
+    }
+
+    // ----- helpers -------------------------------------------------------------------
+
+    fn new_io(&mut self, purpose: IoPurpose) -> IoId {
+        let io = IoId(self.next_io);
+        self.next_io += 1;
+        self.ios.insert(io, purpose);
+        io
+    }
+
+    fn send(&mut self, msg: Msg) {
+        self.send_with(msg, None)
+    }
+
+    fn send_with(&mut self, msg: Msg, buf: Option<BufId>) {
+        self.actions.push_back(Action::Send { msg, buf });
+    }
+}

@@ -1,0 +1,93 @@
+//! Config parsing: a good file loads; each kind of mistake names its key and the file.
+
+use tandem::config::Config;
+
+const GOOD: &str = r#"
+[global]
+secret-file = "/etc/tandem/secret"
+run-dir = "/run/tandem"
+
+[resource.pg]
+protocol = "C"
+on-no-quorum = "suspend-io"
+fencing = "resource"
+
+[[resource.pg.node]]
+name = "alpha"
+address = "10.0.0.1:7789"
+disk = "/dev/vdb"
+
+[[resource.pg.node]]
+name = "beta"
+address = "10.0.0.2:7789"
+disk = "/dev/vdb"
+device = "/dev/tandem/pg-beta"
+"#;
+
+#[test]
+fn good_config_loads() {
+    let c = Config::parse(GOOD, "t.toml").expect("valid");
+    let r = c.resource("pg").expect("pg");
+    assert_eq!(r.protocol, tandem::core::Protocol::C);
+    let (me, peer) = r.local_and_peer("beta").expect("beta is a node");
+    assert_eq!(me.device.to_str(), Some("/dev/tandem/pg-beta"));
+    assert_eq!(peer.device.to_str(), Some("/dev/tandem/pg"));
+    assert_eq!(peer.address.port(), 7789);
+}
+
+fn err(text: &str) -> String {
+    Config::parse(text, "t.toml")
+        .expect_err("must be refused")
+        .to_string()
+}
+
+#[test]
+fn mistakes_name_key_and_file() {
+    let cases = [
+        (
+            GOOD.replace("protocol = \"C\"", "protocol = \"D\""),
+            "resource.pg.protocol",
+        ),
+        (
+            GOOD.replace("fencing = \"resource\"", "fencing = \"maybe\""),
+            "resource.pg.fencing",
+        ),
+        (
+            GOOD.replace("10.0.0.1:7789", "10.0.0.1"),
+            "resource.pg.node[0].address",
+        ),
+        (
+            GOOD.replace("disk = \"/dev/vdb\"\n\n", "disk = \"\"\n\n"),
+            "resource.pg.node[0].disk",
+        ),
+        (GOOD.replace("run-dir", "rundir"), "unknown field `rundir`"),
+        (
+            GOOD.replace("on-no-quorum = \"suspend-io\"", "on-no-quorum = \"panic\""),
+            "resource.pg.on-no-quorum",
+        ),
+        (
+            GOOD.replace("name = \"beta\"", "name = \"alpha\""),
+            "both nodes are named",
+        ),
+        ("[global]\n".to_string(), "no resource defined"),
+        ("this is not toml".to_string(), "t.toml"),
+    ];
+    for (text, want) in cases {
+        let e = err(&text);
+        assert!(e.contains(want), "expected {want:?} in {e:?}");
+        assert!(e.contains("t.toml"), "file name missing in {e:?}");
+    }
+}
+
+#[test]
+fn missing_disk_is_refused_for_this_node() {
+    let c =
+        Config::parse(&GOOD.replace("/dev/vdb", "/nonexistent/disk"), "t.toml").expect("parses");
+    let e = c.check_node("alpha").expect_err("disk missing").to_string();
+    assert!(
+        e.contains("resource.pg.node.disk") && e.contains("/nonexistent/disk"),
+        "{e}"
+    );
+    let e = c.check_node("gamma").expect_err("unknown node").to_string();
+    assert!(e.contains("gamma"), "{e}");
+}

@@ -1,0 +1,272 @@
+//! Acknowledgement accounting per protocol, driving one core by hand as a shell would.
+
+use tandem::core::meta::{self, Layout, Metadata, Superblock};
+use tandem::core::resource::{Action, AdminCmd, BufId, IoId, Params, ReqId, Resource};
+use tandem::core::wire::{Hello, Msg, HELLO_PRIMARY, PROTOCOL_VERSION};
+use tandem::core::{Instant, Protocol};
+
+const DEV: u64 = 64 << 20;
+
+struct One {
+    r: Resource,
+    out: Vec<Action>,
+}
+
+impl One {
+    fn new(protocol: Protocol) -> One {
+        let layout = Layout::compute(DEV, 4096, 8).expect("layout");
+        let uuid = meta::assume_clean_uuid("r0", layout.data_bytes);
+        let sb = Superblock::fresh(layout, "r0", "alpha", 4 << 20, 16, Some(uuid));
+        let md = Metadata {
+            sb,
+            bitmap_bytes: vec![0; layout.bitmap_bytes as usize],
+            al_ring: vec![0; 8 * 4096],
+        };
+        let p = Params {
+            resource: "r0".into(),
+            local_node: "alpha".into(),
+            peer_node: "beta".into(),
+            protocol,
+            ping_interval_ms: 1000,
+            ping_timeout_ms: 5000,
+            resync_window_bytes: 1 << 20,
+            resync_chunk_bytes: 128 << 10,
+            seed: 1,
+        };
+        let mut o = One {
+            r: Resource::new(p, md, Instant(0)),
+            out: Vec::new(),
+        };
+        o.drain();
+        o
+    }
+    fn drain(&mut self) -> Vec<Action> {
+        let mut v = Vec::new();
+        while let Some(a) = self.r.poll_action() {
+            v.push(a);
+        }
+        self.out.extend(v.clone());
+        v
+    }
+    /// Complete every metadata write the core asked for.
+    fn finish_meta(&mut self) {
+        loop {
+            let metas: Vec<IoId> = self
+                .drain()
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::MetaWrite { io, .. } => Some(io),
+                    _ => None,
+                })
+                .collect();
+            if metas.is_empty() {
+                return;
+            }
+            for io in metas {
+                self.r.handle_disk_done(Instant(1), io, true);
+            }
+        }
+    }
+    fn connect_established(&mut self) {
+        self.r.handle_peer_connected(Instant(1));
+        let gen = self.r.generation();
+        self.r.handle_peer_message(
+            Instant(1),
+            Msg::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                resource: "r0".into(),
+                node: "beta".into(),
+                data_bytes: self.r.data_bytes(),
+                block_bytes: 4096,
+                gen,
+                flags: 0,
+            }),
+            None,
+        );
+        assert_eq!(self.r.status().replication, "established");
+        self.drain();
+    }
+}
+
+fn completed(actions: &[Action], req: u64) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::CompleteWrite { req: r, result: Ok(()) } if r.0 == req))
+}
+
+/// Returns (io of the local write, seq of the data message) for a 4 KiB write.
+fn write(o: &mut One, req: u64) -> (IoId, u64) {
+    o.r.handle_app_write(Instant(2), ReqId(req), 0, 4096);
+    o.finish_meta(); // AL transaction for a new extent
+    let acts = o.out.clone();
+    let io = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::DiskWrite { io, buf, .. } if *buf == BufId(req) => Some(*io),
+            _ => None,
+        })
+        .expect("local write submitted");
+    let seq = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                msg: Msg::Data { seq, .. },
+                buf: Some(b),
+            } if *b == BufId(req) => Some(*seq),
+            _ => None,
+        })
+        .expect("write sent to the peer");
+    (io, seq)
+}
+
+fn primary(protocol: Protocol) -> One {
+    let mut o = One::new(protocol);
+    o.finish_meta();
+    o.connect_established();
+    o.r.handle_admin(Instant(1), AdminCmd::Promote { force: false })
+        .expect("promote");
+    o.finish_meta();
+    o
+}
+
+#[test]
+fn protocol_a_completes_after_local_disk_only() {
+    let mut o = primary(Protocol::A);
+    let (io, _) = write(&mut o, 10);
+    o.r.handle_disk_done(Instant(3), io, true);
+    assert!(completed(&o.drain(), 10));
+}
+
+#[test]
+fn protocol_b_waits_for_receipt() {
+    let mut o = primary(Protocol::B);
+    let (io, seq) = write(&mut o, 10);
+    o.r.handle_disk_done(Instant(3), io, true);
+    assert!(
+        !completed(&o.drain(), 10),
+        "B must wait for the peer's receipt"
+    );
+    o.r.handle_peer_message(Instant(4), Msg::RecvAck { seq }, None);
+    assert!(completed(&o.drain(), 10));
+}
+
+#[test]
+fn protocol_c_waits_for_peer_disk_and_local_disk() {
+    let mut o = primary(Protocol::C);
+    let (io, seq) = write(&mut o, 10);
+    o.r.handle_peer_message(Instant(3), Msg::RecvAck { seq }, None);
+    o.r.handle_peer_message(Instant(3), Msg::WriteAck { seq }, None);
+    assert!(
+        !completed(&o.drain(), 10),
+        "C must wait for the local disk too"
+    );
+    o.r.handle_disk_done(Instant(4), io, true);
+    assert!(completed(&o.drain(), 10));
+}
+
+#[test]
+fn protocol_c_completes_locally_when_peer_is_lost_and_marks_out_of_sync() {
+    let mut o = primary(Protocol::C);
+    let (io, _) = write(&mut o, 10);
+    o.r.handle_disk_done(Instant(3), io, true);
+    assert!(!completed(&o.drain(), 10));
+    o.r.handle_peer_disconnected(Instant(4), "test");
+    assert!(completed(&o.drain(), 10));
+    assert_eq!(o.r.status().out_of_sync_bytes, 4096);
+}
+
+#[test]
+fn flush_waits_for_barrier_ack_in_c_but_not_in_a() {
+    for (protocol, needs_peer) in [(Protocol::A, false), (Protocol::C, true)] {
+        let mut o = primary(protocol);
+        let (io, seq) = write(&mut o, 10);
+        o.r.handle_disk_done(Instant(3), io, true);
+        o.r.handle_peer_message(Instant(3), Msg::WriteAck { seq }, None);
+        o.drain();
+        o.r.handle_app_flush(Instant(4), ReqId(11));
+        let acts = o.drain();
+        let epoch = acts
+            .iter()
+            .find_map(|a| match a {
+                Action::Send {
+                    msg: Msg::Barrier { epoch },
+                    ..
+                } => Some(*epoch),
+                _ => None,
+            })
+            .expect("barrier sent");
+        let flush_io = acts
+            .iter()
+            .find_map(|a| match a {
+                Action::DiskFlush { io } => Some(*io),
+                _ => None,
+            })
+            .expect("local flush issued");
+        o.r.handle_disk_done(Instant(5), flush_io, true);
+        let done = |acts: &[Action]| {
+            acts.iter()
+                .any(|a| matches!(a, Action::CompleteFlush { req, .. } if req.0 == 11))
+        };
+        assert_eq!(done(&o.drain()), !needs_peer, "{protocol:?}");
+        if needs_peer {
+            o.r.handle_peer_message(Instant(6), Msg::BarrierAck { epoch }, None);
+            assert!(done(&o.drain()), "C flush completes on the barrier ack");
+        }
+    }
+}
+
+#[test]
+fn secondary_refuses_writes_and_promote_refused_while_peer_primary() {
+    let mut o = One::new(Protocol::C);
+    o.finish_meta();
+    o.r.handle_app_write(Instant(1), ReqId(5), 0, 4096);
+    assert!(o
+        .drain()
+        .iter()
+        .any(|a| matches!(a, Action::CompleteWrite { result: Err(_), .. })));
+    o.r.handle_peer_connected(Instant(1));
+    let gen = o.r.generation();
+    o.r.handle_peer_message(
+        Instant(1),
+        Msg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            resource: "r0".into(),
+            node: "beta".into(),
+            data_bytes: o.r.data_bytes(),
+            block_bytes: 4096,
+            gen,
+            flags: HELLO_PRIMARY,
+        }),
+        None,
+    );
+    let err =
+        o.r.handle_admin(Instant(2), AdminCmd::Promote { force: false })
+            .unwrap_err();
+    assert!(err.to_string().contains("peer is primary"), "{err}");
+}
+
+#[test]
+fn size_mismatch_is_refused_with_a_clear_error() {
+    let mut o = One::new(Protocol::C);
+    o.finish_meta();
+    o.r.handle_peer_connected(Instant(1));
+    let gen = o.r.generation();
+    o.r.handle_peer_message(
+        Instant(1),
+        Msg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            resource: "r0".into(),
+            node: "beta".into(),
+            data_bytes: o.r.data_bytes() + 4096,
+            block_bytes: 4096,
+            gen,
+            flags: 0,
+        }),
+        None,
+    );
+    let acts = o.drain();
+    assert!(acts.iter().any(
+        |a| matches!(a, Action::Disconnect { reason } if reason.contains("sizes must match"))
+    ));
+    assert_ne!(o.r.status().replication, "established");
+}
