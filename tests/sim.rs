@@ -82,6 +82,10 @@ enum Ev {
         conn: u64,
         msg_idx: u64,
     },
+    /// A graceful close reaches the peer after the data sent before it (TCP FIN).
+    Close {
+        conn: u64,
+    },
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord, Clone)]
@@ -429,7 +433,19 @@ impl Sim {
                     }
                 }
             }
-            Action::Disconnect { reason } => self.break_conn(&reason),
+            Action::Disconnect { reason } => {
+                // The closing core has already forgotten the peer; the peer still gets
+                // what was sent before the close, then sees the connection end.
+                if let Some(conn) = self.conn {
+                    self.log(|| format!("node {i} closes connection {conn}: {reason}"));
+                    let last = [Channel::Data, Channel::Meta]
+                        .iter()
+                        .filter_map(|c| self.chan_last.get(&(1 - i, *c)).copied())
+                        .max()
+                        .unwrap_or(self.now);
+                    self.push(last.max(self.now) + 1, Ev::Close { conn });
+                }
+            }
             Action::SetConnect(on) => self.nodes[i].want_connect = on,
             Action::RoleChanged(role) => self.log(|| format!("node {i} is now {role:?}")),
         }
@@ -545,6 +561,11 @@ impl Sim {
                     r.handle_disk_done(Instant(self.now), IoId(io), true);
                 }
                 self.drain(node);
+            }
+            Ev::Close { conn } => {
+                if self.conn == Some(conn) {
+                    self.break_conn("closed by peer");
+                }
             }
             Ev::Deliver { to, conn, msg_idx } => {
                 let Some((msg, data)) = self.msgs.remove(&msg_idx) else {
@@ -775,4 +796,79 @@ fn simulator_is_deterministic() {
         (sim.now, sim.nodes[0].disk.view())
     };
     assert!(run() == run());
+}
+
+/// Run until no event is left or `ms` simulated milliseconds passed.
+fn settle(sim: &mut Sim, ms: u64) {
+    let until = sim.now + ms;
+    while sim.now < until {
+        sim.advance();
+    }
+}
+
+#[test]
+fn split_brain_is_detected_on_both_nodes_and_resolved_by_discard_my_data() {
+    for protocol in protocols() {
+        let mut sim = Sim::new(7, protocol, false);
+        settle(&mut sim, 2_000);
+        // Partition, then make both nodes primary and write on both.
+        sim.link_up = false;
+        sim.break_conn("partition");
+        sim.admin(1, AdminCmd::Promote { force: false })
+            .expect("a disconnected up-to-date secondary may be promoted by the operator");
+        for i in 0..2 {
+            for k in 0..5u64 {
+                let req = 900_000 + i as u64 * 100 + k;
+                sim.nodes[i].bufs.insert(BufId(req), stamp(req, k));
+                sim.req_node.insert(req, i);
+                sim.app_in_flight += 1;
+                let now = Instant(sim.now);
+                if let Some(r) = sim.nodes[i].res.as_mut() {
+                    r.handle_app_write(now, ReqId(req), k * BLOCK * (i as u64 + 1), BLOCK);
+                }
+                sim.drain(i);
+            }
+        }
+        settle(&mut sim, 1_000);
+        sim.link_up = true;
+        settle(&mut sim, 2_000);
+        for i in 0..2 {
+            let st = sim.nodes[i].res.as_ref().expect("up").status();
+            assert!(
+                st.split_brain,
+                "{protocol:?}: node {i} must report split brain: {st:?}"
+            );
+            assert_eq!(
+                st.connection, "standalone",
+                "{protocol:?}: never resolved silently"
+            );
+        }
+        // Beta is the victim: demote, reconnect discarding its data; alpha reconnects.
+        sim.admin(1, AdminCmd::Demote).expect("demote victim");
+        sim.admin(
+            1,
+            AdminCmd::Connect {
+                discard_my_data: true,
+            },
+        )
+        .expect("connect victim");
+        sim.admin(
+            0,
+            AdminCmd::Connect {
+                discard_my_data: false,
+            },
+        )
+        .expect("connect survivor");
+        sim.last_primary = 0;
+        sim.heal().expect("converges after manual resolution");
+        sim.check().expect("identical, nothing flushed lost");
+        let view = sim.nodes[1].disk.view();
+        // The survivor's writes are on the victim now, the victim's own are gone.
+        assert_eq!(read_stamp(&view[..]), 900_000, "{protocol:?}");
+        assert_ne!(
+            read_stamp(&view[(2 * BLOCK) as usize..]),
+            900_101,
+            "{protocol:?}"
+        );
+    }
 }

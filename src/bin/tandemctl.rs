@@ -81,13 +81,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             println!(
-                "{}: metadata written for resource {resource} node {node}: {} data bytes, {} disk",
+                "{}: metadata written for resource {resource} node {node}: {} data bytes; disk {}",
                 disk.display(),
                 sb.layout.data_bytes,
                 if sb.has(meta::FLAG_CONSISTENT) {
                     "consistent (initial sync skipped)"
                 } else {
-                    "inconsistent until the first sync"
+                    "inconsistent until its first sync"
                 }
             );
         }

@@ -1209,6 +1209,7 @@ impl Resource {
             local.gen.current, local.gen.bitmap, peer.gen.current, peer.gen.bitmap
         );
         if self.role == Role::Primary && peer_primary {
+            self.split_brain = true;
             return self
                 .go_standalone(format!("both nodes are primary: split brain (rule={rule})"));
         }

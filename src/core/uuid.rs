@@ -190,6 +190,13 @@ pub fn compare(local: &UuidView, peer: &UuidView, tie_local_wins: bool) -> (Sync
     if l.in_history(p.current) {
         return (SourceFullSync, Rule::HistoryLocal);
     }
+    // An inconsistent disk has nothing to protect, so it is never a split-brain party:
+    // fill it from the consistent one.
+    match (local.inconsistent, peer.inconsistent) {
+        (true, false) => return (TargetFullSync, Rule::LocalInconsistent),
+        (false, true) => return (SourceFullSync, Rule::PeerInconsistent),
+        _ => {}
+    }
     if l.bitmap != 0 && l.bitmap == p.bitmap {
         return (SplitBrain, Rule::EqualBitmap);
     }
@@ -200,10 +207,5 @@ pub fn compare(local: &UuidView, peer: &UuidView, tie_local_wins: bool) -> (Sync
     if shared {
         return (SplitBrain, Rule::SharedHistory);
     }
-    // An inconsistent disk has nothing to protect: fill it from the consistent one.
-    match (local.inconsistent, peer.inconsistent) {
-        (true, false) => (TargetFullSync, Rule::LocalInconsistent),
-        (false, true) => (SourceFullSync, Rule::PeerInconsistent),
-        _ => (Unrelated, Rule::NothingShared),
-    }
+    (Unrelated, Rule::NothingShared)
 }
