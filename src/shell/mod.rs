@@ -1,3 +1,4 @@
-//! IO shells around the core. For now: metadata I/O on a backing device or file.
+//! IO shells around the core: the backing-disk driver and metadata I/O.
 
+pub mod disk;
 pub mod md;
