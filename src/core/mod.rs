@@ -5,6 +5,7 @@
 //! (`crate::shell`) and the deterministic simulator (`tests/sim.rs`) drive the same code.
 
 pub mod al;
+pub mod auth;
 pub mod bitmap;
 pub mod meta;
 pub mod resource;
