@@ -1,4 +1,5 @@
-//! IO shells around the core: the backing-disk driver and metadata I/O.
+//! IO shells around the core: the backing-disk driver, metadata I/O, the peer transport.
 
 pub mod disk;
 pub mod md;
+pub mod net;
