@@ -70,22 +70,24 @@ impl One {
     fn connect_established(&mut self) {
         self.r.handle_peer_connected(Instant(1));
         let gen = self.r.generation();
-        self.r.handle_peer_message(
-            Instant(1),
-            Msg::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                resource: "r0".into(),
-                node: "beta".into(),
-                data_bytes: self.r.data_bytes(),
-                block_bytes: 4096,
-                gen,
-                flags: 0,
-            }),
-            None,
-        );
+        self.r
+            .handle_peer_message(Instant(1), peer_hello(self.r.data_bytes(), gen, 0), None);
         assert_eq!(self.r.status().replication, "established");
         self.drain();
     }
+}
+
+/// The peer's hello: same resource, the given size, generation and flags.
+fn peer_hello(data_bytes: u64, gen: tandem::core::uuid::Generation, flags: u32) -> Msg {
+    Msg::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        resource: "r0".into(),
+        node: "beta".into(),
+        data_bytes,
+        block_bytes: 4096,
+        gen,
+        flags,
+    })
 }
 
 fn completed(actions: &[Action], req: u64) -> bool {
@@ -228,15 +230,7 @@ fn secondary_refuses_writes_and_promote_refused_while_peer_primary() {
     let gen = o.r.generation();
     o.r.handle_peer_message(
         Instant(1),
-        Msg::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            resource: "r0".into(),
-            node: "beta".into(),
-            data_bytes: o.r.data_bytes(),
-            block_bytes: 4096,
-            gen,
-            flags: HELLO_PRIMARY,
-        }),
+        peer_hello(o.r.data_bytes(), gen, HELLO_PRIMARY),
         None,
     );
     let err =
@@ -253,15 +247,7 @@ fn size_mismatch_is_refused_with_a_clear_error() {
     let gen = o.r.generation();
     o.r.handle_peer_message(
         Instant(1),
-        Msg::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            resource: "r0".into(),
-            node: "beta".into(),
-            data_bytes: o.r.data_bytes() + 4096,
-            block_bytes: 4096,
-            gen,
-            flags: 0,
-        }),
+        peer_hello(o.r.data_bytes() + 4096, gen, 0),
         None,
     );
     let acts = o.drain();
