@@ -546,6 +546,8 @@ impl Resource {
                     DiskState::Unknown
                 },
             },
+            // Until the witness lands (issue 3) quorum can only mean "the peer is
+            // reachable"; a secondary never needs it.
             quorum: self.connected() || self.role == Role::Secondary,
             term: 0,
             protocol: self.p.protocol.as_str(),
