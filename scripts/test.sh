@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test: core tables and codecs, config, the CLI against real files, and the
-# deterministic simulator (TANDEM_SIM_SEEDS seeds per protocol, default 300).
+# Runs every test: core tables and codecs, config, the CLI against real files, the
+# deterministic simulator (TANDEM_SIM_SEEDS seeds per protocol, default 300), and the
+# end-to-end tests with real daemons in network namespaces (needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/deps.sh
 export TANDEM_SIM_SEEDS="${TANDEM_SIM_SEEDS:-300}"
 cargo test --all-targets -- --test-threads=2

@@ -2,13 +2,14 @@
 //!
 //! Exit codes: 0 success, 1 failure with a one-line reason on stderr, 2 usage.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use tandem::config::Config;
 use tandem::core::meta;
+use tandem::shell::control::{Client, Request};
 use tandem::shell::md;
 
 #[derive(Parser)]
@@ -20,6 +21,9 @@ struct Cli {
     /// This node's name in the config (default: the hostname).
     #[arg(long, global = true)]
     node: Option<String>,
+    /// The daemon's control socket (default: the config's run-dir/tandemd.sock).
+    #[arg(long, global = true, env = "TANDEM_SOCKET")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -39,6 +43,41 @@ enum Cmd {
     },
     /// Print this node's metadata for a resource as JSON.
     ShowMd { resource: String },
+    /// Show the state of one resource or all.
+    Status {
+        resource: Option<String>,
+        /// One JSON document: {"resources": [...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one line per state change as it happens, until interrupted.
+    Events {
+        resource: Option<String>,
+        /// JSON lines (the only format).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this node primary: the device appears and becomes writable.
+    Promote {
+        resource: String,
+        /// Promote although the local disk is not up to date: serves possibly stale data
+        /// and makes the other node's newer writes a split brain.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make this node secondary. Refused while the device is mounted or held open.
+    Demote { resource: String },
+    /// (Re)connect to the peer after `disconnect` or a split brain.
+    Connect {
+        resource: String,
+        /// Resolve a split brain: throw away this node's changes and resync from the peer.
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Drop the peer connection and stay standalone.
+    Disconnect { resource: String },
+    /// Mark the local disk out of date: a full resync from the peer follows.
+    Invalidate { resource: String },
 }
 
 fn hostname() -> String {
@@ -49,6 +88,43 @@ fn hostname() -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let request = match &cli.cmd {
+        Cmd::CreateMd { .. } | Cmd::ShowMd { .. } => None,
+        Cmd::Status { resource, .. } => Some(Request::Status {
+            resource: resource.clone(),
+        }),
+        Cmd::Events { resource, .. } => Some(Request::Events {
+            resource: resource.clone(),
+        }),
+        Cmd::Promote { resource, force } => Some(Request::Promote {
+            resource: resource.clone(),
+            force: *force,
+        }),
+        Cmd::Demote { resource } => Some(Request::Demote {
+            resource: resource.clone(),
+        }),
+        Cmd::Connect {
+            resource,
+            discard_my_data,
+        } => Some(Request::Connect {
+            resource: resource.clone(),
+            discard_my_data: *discard_my_data,
+        }),
+        Cmd::Disconnect { resource } => Some(Request::Disconnect {
+            resource: resource.clone(),
+        }),
+        Cmd::Invalidate { resource } => Some(Request::Invalidate {
+            resource: resource.clone(),
+        }),
+    };
+    if let Some(req) = request {
+        let socket = match &cli.socket {
+            Some(s) => s.clone(),
+            None => Config::load(&cli.config)?.run_dir.join("tandemd.sock"),
+        };
+        let json = matches!(cli.cmd, Cmd::Status { json: true, .. });
+        return call_daemon(&socket, req, json);
+    }
     let cfg = Config::load(&cli.config)?;
     let node = cli.node.clone().unwrap_or_else(hostname);
     let resource_disk = |name: &str| -> anyhow::Result<(u32, PathBuf)> {
@@ -122,8 +198,101 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             println!("{}", serde_json::to_string_pretty(&v).context("json")?);
         }
+        _ => unreachable!("daemon commands return above"),
     }
     Ok(())
+}
+
+fn call_daemon(socket: &Path, req: Request, json: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("runtime")?;
+    rt.block_on(async {
+        let mut c = Client::connect(socket).await?;
+        if let Request::Events { .. } = req {
+            c.send(&req).await?;
+            loop {
+                let line = c.next_line().await?;
+                println!("{line}");
+            }
+        }
+        if let Request::Promote { force: true, .. } = req {
+            eprintln!("tandemctl: --force: this node may serve stale data, and writes made on the peer since become a split brain");
+        }
+        let reply = c.call(&req).await?;
+        if !reply.ok {
+            bail!("{}", reply.error.unwrap_or_else(|| "failed".into()));
+        }
+        match reply.status {
+            Some(list) if json => {
+                let doc = serde_json::json!({ "resources": list });
+                println!("{}", serde_json::to_string_pretty(&doc).context("json")?);
+            }
+            Some(list) => {
+                for s in &list {
+                    print_status(s);
+                }
+            }
+            None => {
+                if let Some(m) = reply.message {
+                    println!("{m}");
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// DRBD-like human status: the resource line, then the peer line.
+fn print_status(s: &serde_json::Value) {
+    let g = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
+    let n = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let p = |k: &str| {
+        s.get("peer")
+            .and_then(|p| p.get(k))
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!(
+        "{} role:{} disk:{} protocol:{} device:{}",
+        g("name"),
+        g("role"),
+        g("disk"),
+        g("protocol"),
+        s.get("device").and_then(|v| v.as_str()).unwrap_or("-")
+    );
+    println!(
+        "  {} connection:{} replication:{} role:{} disk:{}",
+        p("name"),
+        g("connection"),
+        g("replication"),
+        p("role"),
+        p("disk")
+    );
+    let oos = n("out_of_sync_bytes");
+    if oos > 0 {
+        println!("  out-of-sync: {oos} bytes");
+    }
+    if let Some(r) = s.get("resync") {
+        let total = r.get("total_bytes").and_then(|v| v.as_u64()).unwrap_or(0);
+        let done = r.get("done_bytes").and_then(|v| v.as_u64()).unwrap_or(0);
+        let repl = g("replication");
+        if total > 0 && (repl == "sync-source" || repl == "sync-target") {
+            println!(
+                "  resync: {done} of {total} bytes ({}%) at {} bytes/s",
+                done * 100 / total.max(1),
+                r.get("bytes_per_sec").and_then(|v| v.as_u64()).unwrap_or(0)
+            );
+        }
+    }
+    if s.get("split_brain").and_then(|v| v.as_bool()) == Some(true) {
+        println!("  SPLIT BRAIN: resolve with `tandemctl connect {} --discard-my-data` on the node whose changes to throw away", g("name"));
+    }
+    if let Some(e) = s.get("last_error").and_then(|v| v.as_str()) {
+        println!("  last error: {e}");
+    }
 }
 
 fn main() -> ExitCode {

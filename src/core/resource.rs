@@ -197,6 +197,17 @@ pub enum Conn {
     SyncTarget,
 }
 
+/// The states whose changes `events` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateKey {
+    pub role: Role,
+    pub disk: DiskState,
+    pub conn: Conn,
+    pub peer_role: Role,
+    pub peer_disk: DiskState,
+    pub split_brain: bool,
+}
+
 /// A point-in-time view for `status`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Status {
@@ -512,6 +523,18 @@ impl Resource {
             && self.resync_in_flight.is_empty()
             && self.resync_done_pending_gen.is_none()
             && self.tl.is_empty()
+    }
+
+    /// What `events` reports a change of: cheap enough to compare after every event.
+    pub fn state_key(&self) -> StateKey {
+        StateKey {
+            role: self.role,
+            disk: self.disk_state(),
+            conn: self.conn,
+            peer_role: self.peer_role,
+            peer_disk: self.peer_disk,
+            split_brain: self.split_brain,
+        }
     }
 
     pub fn status(&self) -> Status {

@@ -1,5 +1,9 @@
-//! IO shells around the core: the backing-disk driver, metadata I/O, the peer transport.
+//! IO shells around the core: the backing-disk driver, metadata I/O, the peer transport,
+//! the FUSE + loop frontend, the per-resource driver and the control socket protocol.
 
+pub mod control;
 pub mod disk;
+pub mod driver;
+pub mod frontend;
 pub mod md;
 pub mod net;

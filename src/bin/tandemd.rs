@@ -1,0 +1,449 @@
+//! `tandemd`: the daemon on each data node. Serves every resource of the config that
+//! names this node: the replicated device, the peer connections, the control socket.
+//!
+//! Exit codes: 0 after a clean stop (SIGTERM, SIGINT), 1 when it cannot start (the
+//! reason is one line on stderr and in the log), 2 usage.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::oneshot;
+
+use tandem::config::Config;
+use tandem::core::resource::{AdminCmd, Params, Resource};
+use tandem::shell::control::{Reply, Request};
+use tandem::shell::driver::{self, Event, Handle, PeerSetup, Setup};
+use tandem::shell::{md, net};
+
+#[derive(Parser)]
+#[command(name = "tandemd", about = "Tandem replication daemon")]
+struct Cli {
+    #[arg(long, default_value = "/etc/tandem/tandem.toml")]
+    config: PathBuf,
+    /// This node's name in the config (default: the hostname).
+    #[arg(long)]
+    node: Option<String>,
+    /// Overrides the config's run-dir (control socket, FUSE mounts).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Control socket path (default: RUN_DIR/tandemd.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Use pread/pwrite instead of io_uring on the backing disks.
+    #[arg(long)]
+    no_uring: bool,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let s =
+        std::fs::read(path).with_context(|| format!("{}: cannot read secret", path.display()))?;
+    let s: Vec<u8> = s.trim_ascii().to_vec();
+    if s.len() < 16 {
+        bail!(
+            "{}: secret is {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64`)",
+            path.display(),
+            s.len()
+        );
+    }
+    Ok(s)
+}
+
+struct Daemon {
+    resources: BTreeMap<String, Handle>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tandemd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tandemd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = Config::load(&cli.config)?;
+    let node = cli.node.clone().unwrap_or_else(hostname);
+    cfg.check_node(&node)?;
+    let secret = Arc::new(read_secret(&cfg.secret_file)?);
+    let run_dir = std::path::absolute(cli.run_dir.clone().unwrap_or_else(|| cfg.run_dir.clone()))
+        .context("run dir")?;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("create run dir {}", run_dir.display()))?;
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", run_dir.display()))?;
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| run_dir.join("tandemd.sock"));
+
+    // Bind everything before starting any resource, so that a busy port or socket fails
+    // the start cleanly.
+    let mut by_addr: BTreeMap<std::net::SocketAddr, Vec<String>> = BTreeMap::new();
+    for r in &cfg.resources {
+        if let Some((local, _)) = r.local_and_peer(&node) {
+            by_addr
+                .entry(local.address)
+                .or_default()
+                .push(r.name.clone());
+        }
+    }
+    let mut listeners = Vec::new();
+    for addr in by_addr.keys() {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr}"))?;
+        listeners.push(l);
+    }
+    let control = bind_control(&socket)?;
+
+    let mut daemon = Daemon {
+        resources: BTreeMap::new(),
+    };
+    for (i, r) in cfg.resources.iter().enumerate() {
+        let Some((local, peer)) = r.local_and_peer(&node) else {
+            continue;
+        };
+        let md = md::read_metadata(&local.disk)
+            .with_context(|| format!("resource {}: refusing to start", r.name))?;
+        if md.sb.resource != r.name || md.sb.node != node {
+            bail!(
+                "resource {}: {} holds metadata of resource {:?} node {:?}; run `tandemctl create-md {}` for this node",
+                r.name,
+                local.disk.display(),
+                md.sb.resource,
+                md.sb.node,
+                r.name
+            );
+        }
+        let params = Params {
+            resource: r.name.clone(),
+            local_node: node.clone(),
+            peer_node: peer.name.clone(),
+            protocol: r.protocol,
+            ping_interval_ms: r.ping_interval_ms,
+            ping_timeout_ms: r.ping_timeout_ms,
+            resync_window_bytes: r.resync_window_bytes,
+            resync_chunk_bytes: 256 << 10,
+            seed: u64::from_le_bytes(
+                net::random_nonce()?[..8]
+                    .try_into()
+                    .map_err(|_| anyhow!("nonce"))?,
+            ) ^ i as u64,
+        };
+        let core = Resource::new(params, md, tandem::core::Instant(0));
+        let h = driver::start(Setup {
+            core,
+            disk_path: local.disk.clone(),
+            peer: PeerSetup {
+                local_node: node.clone(),
+                peer_node: peer.name.clone(),
+                peer_addr: peer.address,
+                secret: secret.clone(),
+            },
+            link: local.device.clone(),
+            mountpoint: run_dir.join(format!("fuse-{}", r.name)),
+            want_uring: !cli.no_uring,
+        })
+        .with_context(|| format!("resource {}", r.name))?;
+        daemon.resources.insert(r.name.clone(), h);
+    }
+    let daemon = Arc::new(daemon);
+
+    for l in listeners {
+        tokio::spawn(accept_loop(l, secret.clone(), daemon.clone()));
+    }
+    tokio::spawn(control_loop(control, daemon.clone()));
+    tracing::info!(node = %node, socket = %socket.display(), resources = daemon.resources.len(), "tandemd ready");
+    sd_notify("READY=1");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping");
+    sd_notify("STOPPING=1");
+    let mut waits = Vec::new();
+    for h in daemon.resources.values() {
+        let (tx, rx) = oneshot::channel();
+        if h.tx.send(Event::Shutdown { reply: tx }).is_ok() {
+            waits.push(rx);
+        }
+    }
+    let all = async {
+        for w in waits {
+            let _ = w.await;
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(10), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!("resources did not stop within 10 s");
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Tell systemd (Type=notify) how we are doing; a no-op without NOTIFY_SOCKET.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(s) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let p = PathBuf::from(path);
+    let r = if let Some(abs) = p.to_str().and_then(|s| s.strip_prefix('@')) {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())
+            .and_then(|a| s.send_to_addr(state.as_bytes(), &a))
+    } else {
+        s.send_to(state.as_bytes(), &p)
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "sd_notify");
+    }
+}
+
+async fn accept_loop(l: TcpListener, secret: Arc<Vec<u8>>, daemon: Arc<Daemon>) {
+    loop {
+        let (s, from) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let secret = secret.clone();
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            match net::accept(s, &secret).await {
+                Ok((stream, a)) => match daemon.resources.get(&a.resource) {
+                    Some(h) => {
+                        let _ = h.tx.send(Event::Accepted {
+                            node: a.node,
+                            channel: a.channel,
+                            stream,
+                        });
+                    }
+                    None => {
+                        tracing::warn!(%from, resource = %a.resource, "connection for a resource this node does not serve refused")
+                    }
+                },
+                Err(e) => tracing::warn!(%from, error = %e, "peer connection refused"),
+            }
+        });
+    }
+}
+
+fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "{}: another tandemd is already listening there",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(path);
+    // Created 0600 from the start: no window in which another user could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let l = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    l.with_context(|| format!("control socket {}", path.display()))
+}
+
+async fn control_loop(l: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(serve_control(s, daemon.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control accept");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn write_line(w: &mut tokio::net::unix::OwnedWriteHalf, v: &str) -> std::io::Result<()> {
+    w.write_all(v.as_bytes()).await?;
+    w.write_all(b"\n").await
+}
+
+fn to_line(r: &Reply) -> String {
+    serde_json::to_string(r).unwrap_or_else(|_| r#"{"ok":false,"error":"encode"}"#.into())
+}
+
+async fn serve_control(s: UnixStream, daemon: Arc<Daemon>) {
+    match s.peer_cred() {
+        Ok(c) if c.uid() == 0 => {}
+        Ok(c) => {
+            tracing::warn!(
+                uid = c.uid(),
+                "control connection from a non-root user refused"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "control connection without credentials refused");
+            return;
+        }
+    }
+    let (r, mut w) = s.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ =
+                    write_line(&mut w, &to_line(&Reply::err(format!("bad request: {e}")))).await;
+                continue;
+            }
+        };
+        let targets: Vec<&Handle> = match req.resource() {
+            Some(name) => match daemon.resources.get(name) {
+                Some(h) => vec![h],
+                None => {
+                    let _ = write_line(
+                        &mut w,
+                        &to_line(&Reply::err(format!("no resource {name:?} on this node"))),
+                    )
+                    .await;
+                    continue;
+                }
+            },
+            None => daemon.resources.values().collect(),
+        };
+        let reply = match &req {
+            Request::Status { .. } => {
+                let mut out = Vec::new();
+                for h in &targets {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = h.tx.send(Event::Status { reply: tx });
+                    if let Ok(v) = rx.await {
+                        out.push(v);
+                    }
+                }
+                Reply {
+                    ok: true,
+                    status: Some(out),
+                    ..Reply::default()
+                }
+            }
+            Request::Events { .. } => {
+                let mut subs: Vec<_> = targets.iter().map(|h| h.events.subscribe()).collect();
+                // First the current state of each, then every change.
+                for h in &targets {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = h.tx.send(Event::Status { reply: tx });
+                    if let Ok(v) = rx.await {
+                        let ev =
+                            serde_json::json!({"event": "exists", "resource": h.name, "status": v});
+                        if write_line(&mut w, &ev.to_string()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                for mut sub in subs.drain(..) {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            match sub.recv().await {
+                                Ok(l) => {
+                                    if tx.send(l).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                    let _ = tx.send(
+                                        serde_json::json!({"event": "lagged", "missed": n})
+                                            .to_string(),
+                                    );
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+                drop(tx);
+                while let Some(l) = rx.recv().await {
+                    if write_line(&mut w, &l).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            other => {
+                let cmd = match other {
+                    Request::Promote { force, .. } => AdminCmd::Promote { force: *force },
+                    Request::Demote { .. } => AdminCmd::Demote,
+                    Request::Connect {
+                        discard_my_data, ..
+                    } => AdminCmd::Connect {
+                        discard_my_data: *discard_my_data,
+                    },
+                    Request::Disconnect { .. } => AdminCmd::Disconnect,
+                    _ => AdminCmd::Invalidate,
+                };
+                let (tx, rx) = oneshot::channel();
+                let _ = targets[0].tx.send(Event::Admin { cmd, reply: tx });
+                rx.await
+                    .unwrap_or_else(|_| Reply::err("the resource stopped"))
+            }
+        };
+        if write_line(&mut w, &to_line(&reply)).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,916 @@
+//! The per-resource driver: one tokio task owns a core [`Resource`] and carries out its
+//! actions against the backing disk, the peer connections and the frontend.
+//!
+//! Everything that happens to the resource arrives as an [`Event`] on one channel: FUSE
+//! requests, disk completions (from the disk thread), frames from the peer, accepted
+//! connections, admin commands. The task handles one event, drains the core's actions,
+//! and sleeps until the next event or the core's next deadline. No lock is shared with the
+//! hot path: the core is owned by this task alone.
+//!
+//! Peer connections: two TCP connections per peer, `data` (writes, resync) and `meta`
+//! (acks, pings), so that acknowledgements never wait behind bulk data. The node whose
+//! name sorts first dials, with backoff; the other accepts.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::core::resource::{
+    Action, AdminCmd, BufId, IoId, ReqError, ReqId, Resource, Role, StateKey,
+};
+use crate::core::wire::{Channel, Msg};
+use crate::core::Instant;
+use crate::shell::control::Reply;
+use crate::shell::disk::{AlignedBuf, Completion, Disk, DiskOp};
+use crate::shell::frontend::{self, AppRequest, FuseDevice, ReadDone, SECTOR_BYTES};
+use crate::shell::net::{self, Attached};
+
+/// Buffers received from the peer; apart from application writes (their request
+/// number) and the core's own reads (`CORE_BUF_BIT`).
+const RX_BUF_BIT: u64 = 1 << 62;
+/// Disk tags of application reads, apart from the core's I/O numbers.
+const APP_READ_BIT: u64 = 1 << 62;
+/// Disk tag of the fdatasync that completes a metadata write.
+const META_SYNC_BIT: u64 = 1 << 61;
+
+/// How long the second channel may lag behind the first one's clean close.
+const HALF_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+const DIAL_BACKOFF_MIN_MS: u64 = 50;
+const DIAL_BACKOFF_MAX_MS: u64 = 1000;
+
+pub enum Event {
+    App(AppRequest),
+    Disk(Completion),
+    Accepted {
+        node: String,
+        channel: u8,
+        stream: TcpStream,
+    },
+    Dialed {
+        result: Result<(TcpStream, TcpStream), String>,
+    },
+    PeerMsg {
+        conn: u64,
+        msg: Msg,
+        data: Option<AlignedBuf>,
+    },
+    /// A connection ended; `eof` when the peer closed it cleanly.
+    PeerDown {
+        conn: u64,
+        reason: String,
+        eof: bool,
+    },
+    /// The grace period after one channel's clean close is over.
+    PeerGrace {
+        conn: u64,
+    },
+    Admin {
+        cmd: AdminCmd,
+        reply: oneshot::Sender<Reply>,
+    },
+    Status {
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+    /// The loop device was attached (promote) or detached (demote).
+    DeviceDone {
+        attached: Option<Result<PathBuf, String>>,
+        reply: Option<oneshot::Sender<Reply>>,
+        message: String,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What the daemon keeps of a running resource.
+#[derive(Clone)]
+pub struct Handle {
+    pub name: String,
+    pub tx: mpsc::UnboundedSender<Event>,
+    pub events: broadcast::Sender<String>,
+}
+
+/// How the driver reaches its peer.
+pub struct PeerSetup {
+    pub local_node: String,
+    pub peer_node: String,
+    pub peer_addr: std::net::SocketAddr,
+    pub secret: Arc<Vec<u8>>,
+}
+
+pub struct Setup {
+    pub core: Resource,
+    pub disk_path: PathBuf,
+    pub peer: PeerSetup,
+    pub link: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Force the pread/pwrite backend (tests of the fallback).
+    pub want_uring: bool,
+}
+
+enum IoKind {
+    Write,
+    Read { buf: BufId },
+    Flush,
+    Meta,
+    MetaSync { io: IoId },
+}
+
+struct PeerConn {
+    id: u64,
+    data_tx: mpsc::UnboundedSender<(Msg, Option<Arc<AlignedBuf>>)>,
+    meta_tx: mpsc::UnboundedSender<(Msg, Option<Arc<AlignedBuf>>)>,
+    readers: Vec<JoinHandle<()>>,
+    /// One channel has been closed cleanly by the peer: the other may still deliver
+    /// what the peer sent before it closed.
+    half_closed: bool,
+}
+
+struct PendingRead {
+    skip: usize,
+    len: usize,
+    done: ReadDone,
+}
+
+struct Driver {
+    name: String,
+    core: Resource,
+    disk: Disk,
+    disk_path: PathBuf,
+    start: tokio::time::Instant,
+    tx: mpsc::UnboundedSender<Event>,
+    events: broadcast::Sender<String>,
+    last_key: Option<StateKey>,
+    bufs: HashMap<u64, Arc<AlignedBuf>>,
+    ios: HashMap<u64, IoKind>,
+    next_req: u64,
+    next_rx_buf: u64,
+    next_read: u64,
+    writes: HashMap<u64, frontend::WriteDone>,
+    flushes: HashMap<u64, frontend::FlushDone>,
+    reads: HashMap<u64, PendingRead>,
+    peer: PeerSetup,
+    dialer: bool,
+    want_connect: bool,
+    conn: Option<PeerConn>,
+    next_conn: u64,
+    dialing: bool,
+    backoff_ms: u64,
+    dial_failures: u64,
+    pending_data: Option<TcpStream>,
+    fuse: FuseDevice,
+    link: PathBuf,
+    loop_dev: Option<PathBuf>,
+    device_busy: bool,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{path}: cannot open backing disk: {err}")]
+    Disk { path: String, err: std::io::Error },
+    #[error("{0}")]
+    Frontend(#[from] frontend::FrontendError),
+}
+
+/// Open the disk, mount the frontend and start the resource's task.
+pub fn start(s: Setup) -> Result<Handle, StartError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (events, _) = broadcast::channel(1024);
+    let name = s.core.status().name;
+    let dtx = tx.clone();
+    let disk = Disk::open(
+        &s.disk_path,
+        s.want_uring,
+        Box::new(move |c| {
+            let _ = dtx.send(Event::Disk(c));
+        }),
+    )
+    .map_err(|err| StartError::Disk {
+        path: s.disk_path.display().to_string(),
+        err,
+    })?;
+    tracing::info!(resource = %name, backend = ?disk.backend, direct = disk.direct, "backing disk open");
+    let ftx = tx.clone();
+    let fuse = FuseDevice::mount(
+        &s.mountpoint,
+        s.core.data_bytes(),
+        Arc::new(move |r| {
+            let _ = ftx.send(Event::App(r));
+        }),
+    )?;
+    frontend::remove_link(&s.link);
+    let dialer = s.peer.local_node < s.peer.peer_node;
+    let d = Driver {
+        name: name.clone(),
+        core: s.core,
+        disk,
+        disk_path: s.disk_path,
+        start: tokio::time::Instant::now(),
+        tx: tx.clone(),
+        events: events.clone(),
+        last_key: None,
+        bufs: HashMap::new(),
+        ios: HashMap::new(),
+        next_req: 1,
+        next_rx_buf: 1,
+        next_read: 1,
+        writes: HashMap::new(),
+        flushes: HashMap::new(),
+        reads: HashMap::new(),
+        peer: s.peer,
+        dialer,
+        want_connect: false,
+        conn: None,
+        next_conn: 1,
+        dialing: false,
+        backoff_ms: 0,
+        dial_failures: 0,
+        pending_data: None,
+        fuse,
+        link: s.link,
+        loop_dev: None,
+        device_busy: false,
+        shutdown: None,
+    };
+    tokio::spawn(d.run(rx));
+    Ok(Handle { name, tx, events })
+}
+
+impl Driver {
+    fn now(&self) -> Instant {
+        Instant(self.start.elapsed().as_millis() as u64)
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        self.drain();
+        self.report_changes();
+        loop {
+            let deadline = self
+                .core
+                .poll_timeout()
+                .map(|t| self.start + Duration::from_millis(t.0));
+            let ev = match deadline {
+                Some(d) => tokio::select! {
+                    ev = rx.recv() => ev,
+                    _ = tokio::time::sleep_until(d) => {
+                        let now = self.now();
+                        self.core.handle_timeout(now);
+                        self.drain();
+                        self.report_changes();
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(ev) = ev else { break };
+            self.handle(ev);
+            // Take what else is queued before looking at timers again: under load this
+            // batches many FUSE requests and completions per wake-up.
+            while let Ok(ev) = rx.try_recv() {
+                self.handle(ev);
+            }
+            self.report_changes();
+            if self.shutdown.is_some() && self.core.is_idle() {
+                break;
+            }
+        }
+        self.close_peer();
+        if let Some(dev) = self.loop_dev.take() {
+            frontend::remove_link(&self.link);
+            if let Err(e) = frontend::detach_loop(&dev) {
+                tracing::warn!(resource = %self.name, error = %e, "detach loop device");
+            }
+        }
+        self.fuse.unmount();
+        tracing::info!(resource = %self.name, "stopped");
+        if let Some(r) = self.shutdown.take() {
+            let _ = r.send(());
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        let now = self.now();
+        match ev {
+            Event::App(r) => self.on_app(now, r),
+            Event::Disk(c) => self.on_disk(now, c),
+            Event::Accepted {
+                node,
+                channel,
+                stream,
+            } => self.on_accepted(now, node, channel, stream),
+            Event::Dialed { result } => {
+                self.dialing = false;
+                match result {
+                    Ok((d, m)) if self.want_connect && self.conn.is_none() => {
+                        self.establish(now, d, m)
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.dial_failures += 1;
+                        // Log the first failure of a run loudly, the retries quietly.
+                        if self.dial_failures == 1 {
+                            tracing::warn!(resource = %self.name, peer = %self.peer.peer_addr, error = %e, "cannot connect to peer; retrying");
+                        } else {
+                            tracing::debug!(resource = %self.name, error = %e, "connect retry failed");
+                        }
+                        self.backoff_ms =
+                            (self.backoff_ms * 2).clamp(DIAL_BACKOFF_MIN_MS, DIAL_BACKOFF_MAX_MS);
+                    }
+                }
+                self.maybe_dial();
+            }
+            Event::PeerMsg { conn, msg, data } => {
+                if self.conn.as_ref().map(|c| c.id) != Some(conn) {
+                    return;
+                }
+                let buf = data.map(|d| {
+                    let id = RX_BUF_BIT | self.next_rx_buf;
+                    self.next_rx_buf += 1;
+                    self.bufs.insert(id, Arc::new(d));
+                    BufId(id)
+                });
+                self.core.handle_peer_message(now, msg, buf);
+            }
+            Event::PeerDown { conn, reason, eof } => {
+                let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) else {
+                    return;
+                };
+                if eof && !c.half_closed {
+                    // A peer that closes sends everything first, on both channels; the
+                    // two readers are independent, so wait for the other channel's end
+                    // (or a short grace) before telling the core.
+                    c.half_closed = true;
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(HALF_CLOSE_GRACE).await;
+                        let _ = tx.send(Event::PeerGrace { conn });
+                    });
+                    return;
+                }
+                self.close_peer();
+                self.core.handle_peer_disconnected(now, &reason);
+                self.maybe_dial();
+            }
+            Event::PeerGrace { conn } => {
+                if self.conn.as_ref().map(|c| c.id) == Some(conn) {
+                    self.close_peer();
+                    self.core
+                        .handle_peer_disconnected(now, "peer closed one channel");
+                    self.maybe_dial();
+                }
+            }
+            Event::Admin { cmd, reply } => self.on_admin(now, cmd, reply),
+            Event::Status { reply } => {
+                let _ = reply.send(self.status_json());
+            }
+            Event::DeviceDone {
+                attached,
+                reply,
+                message,
+            } => {
+                self.device_busy = false;
+                let mut out = Reply::ok(message);
+                match attached {
+                    Some(Ok(dev)) => match frontend::make_link(&self.link, &dev) {
+                        Ok(()) => {
+                            tracing::info!(resource = %self.name, device = %self.link.display(), loop_device = %dev.display(), "device ready");
+                            self.loop_dev = Some(dev);
+                        }
+                        Err(e) => {
+                            tracing::error!(resource = %self.name, error = %e, "device link");
+                            self.loop_dev = Some(dev);
+                            out = Reply::err(format!("promoted, but {e}"));
+                        }
+                    },
+                    Some(Err(e)) => {
+                        tracing::error!(resource = %self.name, error = %e, "attach loop device");
+                        out = Reply::err(format!(
+                            "promoted, but the device could not be attached: {e}"
+                        ));
+                    }
+                    None => {}
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(out);
+                }
+            }
+            Event::Shutdown { reply } => {
+                if self.core.role() == Role::Primary {
+                    if self.loop_dev.as_ref().is_some_and(|d| frontend::in_use(d)) {
+                        tracing::warn!(resource = %self.name, "stopping while the device is in use; its users will see I/O errors");
+                    }
+                    self.fuse.set_writable(false);
+                    if let Err(e) = self.core.handle_admin(now, AdminCmd::Demote) {
+                        tracing::warn!(resource = %self.name, error = %e, "demote on shutdown; the next start resyncs the activity log");
+                    }
+                }
+                self.shutdown = Some(reply);
+            }
+        }
+        self.drain();
+    }
+
+    fn on_app(&mut self, now: Instant, r: AppRequest) {
+        match r {
+            AppRequest::Write { offset, data, done } => {
+                let req = self.next_req;
+                self.next_req += 1;
+                let len = data.len() as u64;
+                self.bufs.insert(req, Arc::new(data));
+                self.writes.insert(req, done);
+                self.core.handle_app_write(now, ReqId(req), offset, len);
+            }
+            AppRequest::Flush { done } => {
+                let req = self.next_req;
+                self.next_req += 1;
+                self.flushes.insert(req, done);
+                self.core.handle_app_flush(now, ReqId(req));
+            }
+            AppRequest::Read { offset, len, done } => {
+                let size = self.core.data_bytes();
+                if offset >= size || len == 0 {
+                    return done(Ok(&[]));
+                }
+                let end = (offset + len as u64).min(size);
+                // O_DIRECT wants aligned reads: read the covering sectors, answer a slice.
+                let a_off = offset / SECTOR_BYTES * SECTOR_BYTES;
+                let a_end = end.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+                let tag = APP_READ_BIT | self.next_read;
+                self.next_read += 1;
+                self.reads.insert(
+                    tag,
+                    PendingRead {
+                        skip: (offset - a_off) as usize,
+                        len: (end - offset) as usize,
+                        done,
+                    },
+                );
+                self.disk.submit(
+                    tag,
+                    DiskOp::Read {
+                        offset: a_off,
+                        len: (a_end - a_off) as usize,
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_disk(&mut self, now: Instant, c: Completion) {
+        if c.tag & APP_READ_BIT != 0 {
+            let Some(p) = self.reads.remove(&c.tag) else {
+                return;
+            };
+            match c.result {
+                Ok(Some(b)) => (p.done)(Ok(&b.as_slice()[p.skip..p.skip + p.len])),
+                Ok(None) => (p.done)(Err(nix::libc::EIO)),
+                Err(e) => {
+                    tracing::error!(resource = %self.name, error = %e, "read from backing disk failed");
+                    (p.done)(Err(nix::libc::EIO))
+                }
+            }
+            return;
+        }
+        let Some(kind) = self.ios.remove(&c.tag) else {
+            tracing::error!(resource = %self.name, tag = c.tag, "completion of an unknown disk request");
+            return;
+        };
+        if let Err(e) = &c.result {
+            tracing::error!(resource = %self.name, disk = %self.disk_path.display(), error = %e, "backing disk request failed");
+        }
+        let ok = c.result.is_ok();
+        match kind {
+            IoKind::Write | IoKind::Flush => self.core.handle_disk_done(now, IoId(c.tag), ok),
+            IoKind::Read { buf } => {
+                if let Ok(Some(b)) = c.result {
+                    self.bufs.insert(buf.0, Arc::new(b));
+                }
+                self.core.handle_disk_done(now, IoId(c.tag), ok);
+            }
+            IoKind::Meta if ok => {
+                let tag = c.tag | META_SYNC_BIT;
+                self.ios.insert(tag, IoKind::MetaSync { io: IoId(c.tag) });
+                self.disk.submit(tag, DiskOp::Flush);
+            }
+            IoKind::Meta => self.core.handle_disk_done(now, IoId(c.tag), false),
+            IoKind::MetaSync { io } => self.core.handle_disk_done(now, io, ok),
+        }
+    }
+
+    fn on_admin(&mut self, now: Instant, cmd: AdminCmd, reply: oneshot::Sender<Reply>) {
+        if self.device_busy {
+            let _ = reply.send(Reply::err("a role change is still in progress; try again"));
+            return;
+        }
+        if cmd == AdminCmd::Demote && self.core.role() == Role::Primary {
+            if let Some(dev) = &self.loop_dev {
+                if frontend::in_use(dev) {
+                    let _ = reply.send(Reply::err(format!(
+                        "{} ({}) is in use (mounted or held open); unmount it first",
+                        self.link.display(),
+                        dev.display()
+                    )));
+                    return;
+                }
+            }
+        }
+        let was = self.core.role();
+        if let Err(e) = self.core.handle_admin(now, cmd.clone()) {
+            let _ = reply.send(Reply::err(e.to_string()));
+            return;
+        }
+        let role = self.core.role();
+        match (was, role) {
+            (Role::Primary, Role::Primary) | (Role::Secondary, Role::Secondary) => {
+                let msg = match cmd {
+                    AdminCmd::Promote { .. } => "already primary".to_string(),
+                    AdminCmd::Demote => "already secondary".to_string(),
+                    AdminCmd::Connect { discard_my_data } if discard_my_data => {
+                        "connecting; this node's changes will be discarded".to_string()
+                    }
+                    AdminCmd::Connect { .. } => "connecting".to_string(),
+                    AdminCmd::Disconnect => "disconnected".to_string(),
+                    AdminCmd::Invalidate => "invalidated: full resync from the peer".to_string(),
+                };
+                let _ = reply.send(Reply::ok(msg));
+            }
+            (_, Role::Primary) => {
+                self.fuse.set_writable(true);
+                self.device_busy = true;
+                let file = self.fuse.file.clone();
+                let tx = self.tx.clone();
+                let link = self.link.clone();
+                let forced = matches!(cmd, AdminCmd::Promote { force: true });
+                tokio::task::spawn_blocking(move || {
+                    let attached = frontend::attach_loop(&file).map_err(|e| e.to_string());
+                    let message = format!(
+                        "primary{}; device {}",
+                        if forced { " (forced)" } else { "" },
+                        link.display()
+                    );
+                    let _ = tx.send(Event::DeviceDone {
+                        attached: Some(attached),
+                        reply: Some(reply),
+                        message,
+                    });
+                });
+            }
+            (_, _) => {
+                self.fuse.set_writable(false);
+                frontend::remove_link(&self.link);
+                match self.loop_dev.take() {
+                    Some(dev) => {
+                        self.device_busy = true;
+                        let tx = self.tx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let message = match frontend::detach_loop(&dev) {
+                                Ok(()) => "secondary".to_string(),
+                                Err(e) => format!("secondary; detaching {}: {e}", dev.display()),
+                            };
+                            let _ = tx.send(Event::DeviceDone {
+                                attached: None,
+                                reply: Some(reply),
+                                message,
+                            });
+                        });
+                    }
+                    None => {
+                        let _ = reply.send(Reply::ok("secondary"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(a) = self.core.poll_action() {
+            self.act(a);
+        }
+    }
+
+    fn act(&mut self, a: Action) {
+        match a {
+            Action::DiskWrite { io, offset, buf } => match self.bufs.get(&buf.0) {
+                Some(b) => {
+                    self.ios.insert(io.0, IoKind::Write);
+                    self.disk.submit(
+                        io.0,
+                        DiskOp::Write {
+                            offset,
+                            buf: b.clone(),
+                        },
+                    );
+                }
+                None => {
+                    tracing::error!(resource = %self.name, buf = buf.0, "core wrote a buffer the driver does not hold");
+                    let now = self.now();
+                    self.core.handle_disk_done(now, io, false);
+                }
+            },
+            Action::DiskRead {
+                io,
+                offset,
+                len,
+                buf,
+            } => {
+                self.ios.insert(io.0, IoKind::Read { buf });
+                self.disk.submit(
+                    io.0,
+                    DiskOp::Read {
+                        offset,
+                        len: len as usize,
+                    },
+                );
+            }
+            Action::DiskFlush { io } => {
+                self.ios.insert(io.0, IoKind::Flush);
+                self.disk.submit(io.0, DiskOp::Flush);
+            }
+            Action::MetaWrite { io, offset, bytes } => {
+                self.ios.insert(io.0, IoKind::Meta);
+                self.disk.submit(
+                    io.0,
+                    DiskOp::Write {
+                        offset,
+                        buf: Arc::new(AlignedBuf::from_slice(&bytes)),
+                    },
+                );
+            }
+            Action::Send { msg, buf } => {
+                let Some(c) = &self.conn else { return };
+                let data = match buf {
+                    Some(b) => match self.bufs.get(&b.0) {
+                        Some(d) => Some(d.clone()),
+                        None => {
+                            tracing::error!(resource = %self.name, buf = b.0, "core sent a buffer the driver does not hold");
+                            return;
+                        }
+                    },
+                    None => None,
+                };
+                let tx = match msg.channel() {
+                    Channel::Data => &c.data_tx,
+                    Channel::Meta => &c.meta_tx,
+                };
+                let _ = tx.send((msg, data));
+            }
+            Action::ReleaseBuf(b) => {
+                self.bufs.remove(&b.0);
+            }
+            Action::CompleteWrite { req, result } => {
+                if let Some(done) = self.writes.remove(&req.0) {
+                    done(result.map_err(errno));
+                }
+            }
+            Action::CompleteFlush { req, result } => {
+                if let Some(done) = self.flushes.remove(&req.0) {
+                    done(result.map_err(errno));
+                }
+            }
+            Action::Disconnect { reason } => {
+                tracing::info!(resource = %self.name, %reason, "closing peer connection");
+                self.close_peer();
+                self.maybe_dial();
+            }
+            Action::SetConnect(on) => {
+                self.want_connect = on;
+                if on {
+                    self.dial_failures = 0;
+                    self.maybe_dial();
+                } else {
+                    self.close_peer();
+                    self.pending_data = None;
+                }
+            }
+            Action::RoleChanged(role) => {
+                tracing::info!(resource = %self.name, ?role, "role changed");
+            }
+        }
+    }
+
+    fn maybe_dial(&mut self) {
+        if !self.dialer || !self.want_connect || self.conn.is_some() || self.dialing {
+            return;
+        }
+        self.dialing = true;
+        let tx = self.tx.clone();
+        let addr = self.peer.peer_addr;
+        let secret = self.peer.secret.clone();
+        let delay = Duration::from_millis(self.backoff_ms);
+        let attach = |channel| Attached {
+            resource: self.name.clone(),
+            node: self.peer.local_node.clone(),
+            channel,
+        };
+        let (a_data, a_meta) = (attach(0), attach(1));
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let result = async {
+                let d = net::connect(addr, &secret, &a_data).await?;
+                let m = net::connect(addr, &secret, &a_meta).await?;
+                Ok::<_, net::NetError>((d, m))
+            }
+            .await
+            .map_err(|e| e.to_string());
+            let _ = tx.send(Event::Dialed { result });
+        });
+    }
+
+    fn on_accepted(&mut self, now: Instant, node: String, channel: u8, stream: TcpStream) {
+        if node != self.peer.peer_node {
+            tracing::warn!(resource = %self.name, %node, expected = %self.peer.peer_node, "connection from a node that is not this resource's peer refused");
+            return;
+        }
+        if self.dialer {
+            tracing::warn!(resource = %self.name, %node, "peer dialed, but this node dials; refused");
+            return;
+        }
+        if !self.want_connect {
+            tracing::info!(resource = %self.name, "peer connection refused: disconnected by the operator");
+            return;
+        }
+        match channel {
+            0 => {
+                if self.conn.is_some() {
+                    // The peer started over (restart, or it saw the link die first).
+                    self.close_peer();
+                    self.core
+                        .handle_peer_disconnected(now, "peer opened a new connection");
+                    self.drain();
+                }
+                self.pending_data = Some(stream);
+            }
+            1 => match self.pending_data.take() {
+                Some(d) if self.conn.is_none() => self.establish(now, d, stream),
+                _ => {
+                    tracing::debug!(resource = %self.name, "meta connection without its data connection dropped")
+                }
+            },
+            c => tracing::warn!(resource = %self.name, channel = c, "unknown channel refused"),
+        }
+    }
+
+    fn establish(&mut self, now: Instant, data: TcpStream, meta: TcpStream) {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.backoff_ms = 0;
+        self.dial_failures = 0;
+        let mut readers = Vec::new();
+        let mut txs = Vec::new();
+        for s in [data, meta] {
+            let (r, w) = s.into_split();
+            let tx = self.tx.clone();
+            readers.push(tokio::spawn(async move {
+                let mut r = BufReader::with_capacity(64 << 10, r);
+                loop {
+                    match net::read_frame(&mut r).await {
+                        Ok((msg, data)) => {
+                            if tx.send(Event::PeerMsg { conn: id, msg, data }).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let eof = matches!(&e, net::NetError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof);
+                            let _ = tx.send(Event::PeerDown {
+                                conn: id,
+                                reason: if eof {
+                                    "closed by peer".to_string()
+                                } else {
+                                    e.to_string()
+                                },
+                                eof,
+                            });
+                            return;
+                        }
+                    }
+                }
+            }));
+            let (wtx, wrx) = mpsc::unbounded_channel();
+            tokio::spawn(writer(w, wrx, self.tx.clone(), id));
+            txs.push(wtx);
+        }
+        let meta_tx = txs.pop();
+        let data_tx = txs.pop();
+        let (Some(data_tx), Some(meta_tx)) = (data_tx, meta_tx) else {
+            return;
+        };
+        tracing::info!(resource = %self.name, peer = %self.peer.peer_node, conn = id, "peer connected");
+        self.conn = Some(PeerConn {
+            id,
+            data_tx,
+            meta_tx,
+            readers,
+            half_closed: false,
+        });
+        self.core.handle_peer_connected(now);
+    }
+
+    /// Forget the connection: queued frames still go out, then the sockets close.
+    fn close_peer(&mut self) {
+        if let Some(c) = self.conn.take() {
+            for r in c.readers {
+                r.abort();
+            }
+        }
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self.core.status()).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "node".into(),
+                serde_json::Value::String(self.peer.local_node.clone()),
+            );
+            o.insert(
+                "device".into(),
+                match &self.loop_dev {
+                    Some(_) => serde_json::Value::String(self.link.display().to_string()),
+                    None => serde_json::Value::Null,
+                },
+            );
+            o.insert(
+                "backing_disk".into(),
+                serde_json::Value::String(self.disk_path.display().to_string()),
+            );
+            o.insert(
+                "io_backend".into(),
+                serde_json::Value::String(
+                    match self.disk.backend {
+                        crate::shell::disk::Backend::IoUring => "io_uring",
+                        crate::shell::disk::Backend::Sync => "pread/pwrite",
+                    }
+                    .into(),
+                ),
+            );
+        }
+        v
+    }
+
+    fn report_changes(&mut self) {
+        let key = self.core.state_key();
+        if self.last_key == Some(key) {
+            return;
+        }
+        self.last_key = Some(key);
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let ev = serde_json::json!({
+            "event": "change",
+            "resource": self.name,
+            "time_unix_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            "status": self.status_json(),
+        });
+        let _ = self.events.send(ev.to_string());
+    }
+}
+
+fn errno(e: ReqError) -> i32 {
+    match e {
+        ReqError::ReadOnly => nix::libc::EROFS,
+        ReqError::OutOfRange => nix::libc::ENOSPC,
+        ReqError::Io => nix::libc::EIO,
+    }
+}
+
+/// Sends frames in order, many per system call when they queue up.
+async fn writer(
+    w: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<(Msg, Option<Arc<AlignedBuf>>)>,
+    events: mpsc::UnboundedSender<Event>,
+    conn: u64,
+) {
+    let mut w = BufWriter::with_capacity(256 << 10, w);
+    let result: Result<(), net::NetError> = async {
+        while let Some((msg, data)) = rx.recv().await {
+            let empty: &[u8] = &[];
+            net::write_frame(&mut w, &msg, data.as_ref().map_or(empty, |d| d.as_slice())).await?;
+            while let Ok((msg, data)) = rx.try_recv() {
+                net::write_frame(&mut w, &msg, data.as_ref().map_or(empty, |d| d.as_slice()))
+                    .await?;
+            }
+            w.flush().await?;
+        }
+        w.shutdown().await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = events.send(Event::PeerDown {
+            conn,
+            reason: format!("send: {e}"),
+            eof: false,
+        });
+    }
+}

@@ -1,0 +1,427 @@
+//! End to end: real `tandemd` processes in network namespaces, ext4 on the FUSE + loop
+//! device, `fio --verify`, crashes by SIGKILL, split brain, and bad input against a
+//! running daemon. Needs root, FUSE, loop devices, `fio`, `mkfs.ext4` (`.ci/run`
+//! installs them).
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{sh, Cluster, DirectWriter, Opts};
+
+#[test]
+fn ext4_fio_verify_then_backing_disks_identical() {
+    let mut c = Cluster::new("fio", Opts::default());
+    // A new pair: full initial sync after a forced first promotion.
+    c.up(0, false);
+    let s = c.status(0);
+    assert_eq!(s["role"], "primary");
+    assert_eq!(s["device"], c.nodes[0].device.to_str().unwrap_or(""));
+    // The secondary exposes no device, and its FUSE file refuses writers.
+    assert!(!c.nodes[1].device.exists(), "secondary has a device link");
+    let fuse_b = c.nodes[1].run_dir.join("fuse-r0/data");
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fuse_b)
+        .expect_err("secondary's device opened for writing");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{err}");
+    // Promoting the other node while this one is primary is refused.
+    let e = c.ctl_fails(1, &["promote", "r0"]);
+    assert!(e.contains("peer is primary"), "{e}");
+
+    c.mkfs(0);
+    let m = c.mount(0);
+    // Demote while mounted: refused, clearly, and nothing changes.
+    let e = c.ctl_fails(0, &["demote", "r0"]);
+    assert!(e.contains("in use"), "{e}");
+    assert_eq!(c.status(0)["role"], "primary");
+
+    sh(Command::new("fio")
+        .args([
+            "--name=verify",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=24M",
+            "--ioengine=psync",
+            "--fsync=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--output-format=terse",
+        ])
+        .arg(format!("--directory={}", m.display())));
+    std::fs::write(m.join("marker"), b"still here").expect("marker");
+    c.umount(&m);
+    sh(Command::new("e2fsck").arg("-fn").arg(&c.nodes[0].device));
+    // The file system survives umount / mount.
+    let m = c.mount(0);
+    assert_eq!(
+        std::fs::read(m.join("marker")).expect("marker after remount"),
+        b"still here"
+    );
+    c.umount(&m);
+    c.wait_in_sync(30);
+    c.ctl(0, &["demote", "r0"]);
+    assert!(!c.nodes[0].device.exists(), "device link left after demote");
+    c.stop(0);
+    c.stop(1);
+    c.assert_disks_identical();
+}
+
+/// Writes 4 KiB blocks at random to the primary's device until stopped, remembering
+/// which blocks were written while `outage` was set.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    outage: Arc<AtomicBool>,
+    in_outage: Arc<Mutex<HashSet<u64>>>,
+    written: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(dev: &std::path::Path, blocks: u64, seed: u64) -> Writer {
+        let mut w = DirectWriter::open(dev).expect("open device");
+        let stop = Arc::new(AtomicBool::new(false));
+        let outage = Arc::new(AtomicBool::new(false));
+        let in_outage = Arc::new(Mutex::new(HashSet::new()));
+        let written = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let (s, o, io, wr, er) = (
+            stop.clone(),
+            outage.clone(),
+            in_outage.clone(),
+            written.clone(),
+            errors.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut x = seed | 1;
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let block = x % blocks;
+                let in_o = o.load(Ordering::Relaxed);
+                match w.write_block(block, x) {
+                    Ok(()) => {
+                        wr.fetch_add(1, Ordering::Relaxed);
+                        if in_o {
+                            io.lock().expect("lock").insert(block);
+                        }
+                    }
+                    Err(_) => {
+                        // The primary died under us: nothing more to write.
+                        er.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                n += 1;
+                if n.is_multiple_of(64) && w.sync().is_err() {
+                    er.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                // Pace the writer so the outage writes a known, modest set of blocks.
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            let _ = w.sync();
+        });
+        Writer {
+            stop,
+            outage,
+            in_outage,
+            written,
+            errors,
+            thread: Some(thread),
+        }
+    }
+
+    fn wait_written(&self, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let start = self.written.load(Ordering::Relaxed);
+        while self.written.load(Ordering::Relaxed) < start + n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "writer stalled ({} errors)",
+                self.errors.load(Ordering::Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.errors.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn kill_secondary_mid_write_resyncs_only_what_changed() {
+    let mut c = Cluster::new("killsec", Opts::default());
+    c.up(0, true);
+    let blocks = c.data_bytes(0) / 4096;
+    let w = Writer::start(&c.nodes[0].device, blocks, 7);
+    w.wait_written(200);
+    w.outage.store(true, Ordering::Relaxed);
+    c.kill(1);
+    c.wait_for(0, "peer lost", 10, |s| s["connection"] == "connecting");
+    w.wait_written(1500);
+    // Restart the secondary while writes keep flowing.
+    c.start(1);
+    w.wait_written(100);
+    w.outage.store(false, Ordering::Relaxed);
+    let s = c.wait_for(1, "resync done", 60, |s| {
+        s["replication"] == "established" && s["disk"] == "uptodate"
+    });
+    w.wait_written(200);
+    let outage_bytes = w.in_outage.lock().expect("lock").len() as u64 * 4096;
+    assert_eq!(w.finish(), 0, "the primary failed writes");
+    let resynced = s["resync"]["done_bytes"].as_u64().expect("resync bytes");
+    let one_extent = 4u64 << 20;
+    eprintln!("blocks written during the outage: {outage_bytes} bytes; resynced {resynced} bytes");
+    assert!(
+        resynced >= outage_bytes.min(1 << 20),
+        "resync moved {resynced} bytes, less than the {outage_bytes} written meanwhile"
+    );
+    assert!(
+        resynced <= 2 * outage_bytes + one_extent,
+        "resync moved {resynced} bytes for {outage_bytes} written meanwhile: not a quick resync"
+    );
+    c.wait_in_sync(30);
+    c.ctl(0, &["demote", "r0"]);
+    c.assert_disks_identical();
+}
+
+#[test]
+fn kill_primary_mid_write_activity_log_resync() {
+    let mut c = Cluster::new("killpri", Opts::default());
+    c.up(0, true);
+    // Four 4 MiB activity-log extents' worth of blocks: the resync after the crash must
+    // cover those and not the whole device.
+    let region = 16u64 << 20;
+    let w = Writer::start(&c.nodes[0].device, region / 4096, 11);
+    w.wait_written(500);
+    c.kill(0);
+    // The writer sees its device fail and stops.
+    let errors = w.finish();
+    assert!(errors > 0, "writes kept succeeding after the primary died");
+    c.wait_for(1, "peer lost", 10, |s| s["connection"] == "connecting");
+    c.stop(1);
+    // Restart both; the crashed primary's activity log decides what to resync.
+    c.start(0);
+    let s = c.status(0);
+    assert_eq!(s["role"], "secondary");
+    c.start(1);
+    let s = c.wait_for(0, "resync done", 60, |s| {
+        s["replication"] == "established" && s["disk"] == "uptodate"
+    });
+    c.wait_in_sync(30);
+    let resynced = s["resync"]["total_bytes"].as_u64().unwrap_or(0);
+    eprintln!("activity-log resync: {resynced} bytes");
+    assert!(resynced > 0, "no activity-log resync after a primary crash");
+    assert!(
+        resynced <= region,
+        "a primary crash writing {region} bytes' worth of extents resynced {resynced} bytes"
+    );
+    c.assert_disks_identical();
+}
+
+#[test]
+fn split_brain_detected_on_both_resolved_by_discard_my_data() {
+    let mut c = Cluster::new("sb", Opts::default());
+    c.up(0, true);
+    c.ctl(0, &["disconnect", "r0"]);
+    c.ctl(1, &["disconnect", "r0"]);
+    for i in 0..2 {
+        c.wait_for(i, "standalone", 10, |s| s["connection"] == "standalone");
+    }
+    c.ctl(1, &["promote", "r0"]);
+    for (i, blocks) in [(0usize, 0..64u64), (1, 1000..1100)] {
+        let mut w = DirectWriter::open(&c.nodes[i].device).expect("device");
+        for b in blocks {
+            w.write_block(b, 99 + i as u64).expect("write");
+        }
+        w.sync().expect("sync");
+    }
+    c.ctl(1, &["demote", "r0"]);
+    c.ctl(0, &["connect", "r0"]);
+    c.ctl(1, &["connect", "r0"]);
+    for i in 0..2 {
+        c.wait_for(i, "split brain", 15, |s| {
+            s["split_brain"] == true && s["connection"] == "standalone"
+        });
+    }
+    // Never resolved silently: still split a moment later, and no data moved.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.status(0)["split_brain"], true);
+    c.ctl(1, &["connect", "r0", "--discard-my-data"]);
+    c.ctl(0, &["connect", "r0"]);
+    c.wait_in_sync(60);
+    assert_eq!(c.status(1)["split_brain"], false);
+    c.ctl(0, &["demote", "r0"]);
+    c.assert_disks_identical();
+}
+
+#[test]
+fn different_device_sizes_refused_clearly() {
+    let mut c = Cluster::new(
+        "size",
+        Opts {
+            disk_bytes: [128 << 20, 96 << 20],
+            ..Opts::default()
+        },
+    );
+    c.create_md(0, &["--assume-clean"]);
+    c.create_md(1, &["--assume-clean"]);
+    c.start(0);
+    c.start(1);
+    let s = c.wait_for(0, "size error", 15, |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("bytes"))
+    });
+    assert_ne!(s["replication"], "established");
+    let e = s["last_error"].as_str().unwrap_or("").to_string();
+    assert!(e.contains("size") || e.contains("bytes"), "{e}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_the_daemon_keeps_serving() {
+    let mut c = Cluster::new("bad", Opts::default());
+    c.up(0, true);
+    // beta accepts: alpha's name sorts first, so alpha dials.
+    let addr: std::net::SocketAddr = c.nodes[1].addr.parse().expect("addr");
+
+    // Random bytes on the replication port.
+    common::in_netns(&c.nodes[0].ns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        let junk: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+            .collect();
+        let _ = s.write_all(&junk);
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut b = [0u8; 64];
+        // The daemon closes on us (EOF or reset), it does not hang or crash.
+        assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    });
+
+    // A wrong secret.
+    let res = common::in_netns(&c.nodes[0].ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(tandem::shell::net::connect(
+            addr,
+            b"not-the-secret-not-the-secret!!",
+            &tandem::shell::net::Attached {
+                resource: "r0".into(),
+                node: "alpha".into(),
+                channel: 0,
+            },
+        ))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    });
+    assert!(res.is_err(), "a wrong secret was accepted");
+    let log = std::fs::read_to_string(&c.nodes[1].log).unwrap_or_default();
+    assert!(
+        log.contains("peer connection refused"),
+        "refusal not logged"
+    );
+
+    // Junk on the control socket.
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&c.nodes[0].socket).expect("ctl");
+        s.write_all(b"{\"cmd\":\"explode\"}\nnot json at all\n")
+            .expect("write");
+        let mut r = BufReader::new(s);
+        for _ in 0..2 {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("reply");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("reply json");
+            assert_eq!(v["ok"], false);
+            assert!(
+                v["error"].as_str().unwrap_or("").contains("bad request"),
+                "{line}"
+            );
+        }
+    }
+
+    // Bad CLI arguments: usage errors exit 2; an unknown resource is a failure.
+    let out = c.ctl_output(0, &["promote"]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = c.ctl_fails(0, &["demote", "nosuch"]);
+    assert!(e.contains("no resource"), "{e}");
+
+    // A non-root client cannot use the control socket.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(common::TANDEMCTL)
+        .arg("--socket")
+        .arg(&c.nodes[0].socket)
+        .arg("status")
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(1), "non-root status: {out:?}");
+
+    // After all that, still replicating.
+    {
+        let mut w = DirectWriter::open(&c.nodes[0].device).expect("device");
+        for b in 0..32 {
+            w.write_block(b, 5).expect("write");
+        }
+        w.sync().expect("sync");
+    }
+    c.wait_in_sync(30);
+    assert!(c.nodes[0]
+        .child
+        .as_mut()
+        .is_some_and(|ch| ch.try_wait().ok().flatten().is_none()));
+
+    // A corrupted superblock: the daemon refuses to start, and says why.
+    c.ctl(0, &["demote", "r0"]);
+    c.stop(1);
+    let size = std::fs::metadata(&c.nodes[1].disk).expect("disk").len();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&c.nodes[1].disk)
+            .expect("disk");
+        f.write_all_at(b"garbage!", size - 4096 + 64)
+            .expect("corrupt");
+    }
+    let e = c.start_fails(1);
+    assert!(e.contains("refusing to start"), "{e}");
+    let e = c.ctl_fails(1, &["create-md", "r0"]);
+    assert!(e.contains("--force"), "{e}");
+
+    // A malformed config: refused, naming file and key.
+    let bad = c.dir.join("bad.toml");
+    std::fs::write(&bad, "[resource.r0]\nprotocol = \"D\"\n").expect("bad config");
+    let out = Command::new(common::TANDEMD)
+        .arg("--config")
+        .arg(&bad)
+        .arg("--node")
+        .arg("alpha")
+        .output()
+        .expect("tandemd");
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("bad.toml") && e.contains("resource.r0.protocol"),
+        "{e}"
+    );
+    // And alpha kept serving through all of it.
+    assert_eq!(c.status(0)["role"], "secondary");
+}
