@@ -211,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut waits = Vec::new();
     for h in daemon.resources.values() {
         let (tx, rx) = oneshot::channel();
-        if h.tx.send(Event::Shutdown { reply: tx }).is_ok() {
+        if h.tx.send(Event::Shutdown { reply: tx }) {
             waits.push(rx);
         }
     }

@@ -102,35 +102,43 @@ pub struct Disk {
     worker: Option<JoinHandle<()>>,
 }
 
-const RING_ENTRIES: u32 = 128;
+const RING_ENTRIES: u32 = 256;
+
+/// Open a backing device for O_DIRECT (buffered where the file system refuses it);
+/// returns the file, whether it is direct, and its size.
+pub fn open_backing(path: &Path) -> io::Result<(File, bool, u64)> {
+    let (file, direct) = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => (f, true),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+            tracing::warn!(path = %path.display(), "O_DIRECT not supported here; using buffered I/O");
+            (OpenOptions::new().read(true).write(true).open(path)?, false)
+        }
+        Err(e) => return Err(e),
+    };
+    let size_bytes = {
+        let mut f = &file;
+        io::Seek::seek(&mut f, io::SeekFrom::End(0))?
+    };
+    Ok((file, direct, size_bytes))
+}
 
 impl Disk {
-    /// Open the backing device. `want_uring = false` forces the fallback.
+    /// Open the backing device with its own worker thread. `want_uring = false` forces
+    /// the pread/pwrite fallback.
     pub fn open(
         path: &Path,
         want_uring: bool,
         on_done: Box<dyn Fn(Completion) + Send>,
     ) -> io::Result<Disk> {
-        let (file, direct) = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(nix::libc::O_DIRECT)
-            .open(path)
-        {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                tracing::warn!(path = %path.display(), "O_DIRECT not supported here; using buffered I/O");
-                (OpenOptions::new().read(true).write(true).open(path)?, false)
-            }
-            Err(e) => return Err(e),
-        };
-        let size_bytes = {
-            let mut f = &file;
-            io::Seek::seek(&mut f, io::SeekFrom::End(0))?
-        };
+        let (file, direct, size_bytes) = open_backing(path)?;
         let (tx, rx) = channel();
         let ring = if want_uring {
-            match io_uring::IoUring::new(RING_ENTRIES) {
+            match Ring::with_file(file.try_clone()?, direct, size_bytes) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::warn!(error = %e, "io_uring not available; using pread/pwrite");
@@ -149,7 +157,7 @@ impl Disk {
         let worker = std::thread::Builder::new()
             .name("tandem-disk".into())
             .spawn(move || match ring {
-                Some(r) => uring_worker(file, r, rx, on_done),
+                Some(r) => uring_worker(r, rx, on_done),
                 None => sync_worker(file, rx, on_done),
             })?;
         Ok(Disk {
@@ -195,42 +203,28 @@ fn sync_worker(file: File, rx: Receiver<(u64, DiskOp)>, on_done: Box<dyn Fn(Comp
     }
 }
 
-/// What an in-flight io_uring request keeps alive until its completion.
-enum Held {
-    // Never read: holding the Arc keeps the payload alive while the kernel reads it.
-    Write(#[allow(dead_code)] Arc<AlignedBuf>),
-    Read(AlignedBuf),
-    Flush,
-}
-
 fn uring_worker(
-    file: File,
-    mut ring: io_uring::IoUring,
+    mut ring: Ring,
     rx: Receiver<(u64, DiskOp)>,
     on_done: Box<dyn Fn(Completion) + Send>,
 ) {
-    use io_uring::{opcode, types};
-    let fd = types::Fd(file.as_raw_fd());
-    let mut in_flight: HashMap<u64, (u64, Held, usize)> = HashMap::new();
-    let mut next_id: u64 = 1;
     let mut closed = false;
     // Wait for completions at most this long before looking for new requests, so that a
     // request arriving while others are in flight is not held up.
-    let wait = types::Timespec::new().nsec(100_000);
+    let wait = std::time::Duration::from_micros(100);
     loop {
-        let mut new = Vec::new();
-        if in_flight.is_empty() {
+        if ring.in_flight() == 0 {
             if closed {
                 return;
             }
             match rx.recv() {
-                Ok(x) => new.push(x),
+                Ok((tag, op)) => ring.submit(tag, op),
                 Err(_) => return,
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(x) => new.push(x),
+                Ok((tag, op)) => ring.submit(tag, op),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     closed = true;
@@ -238,50 +232,160 @@ fn uring_worker(
                 }
             }
         }
-        for (tag, op) in new {
-            let id = next_id;
-            next_id += 1;
-            let (entry, held, want) = match op {
-                DiskOp::Write { offset, buf } => {
-                    let e = opcode::Write::new(fd, buf.as_slice().as_ptr(), buf.len() as u32)
-                        .offset(offset)
-                        .build();
-                    let n = buf.len();
-                    (e, Held::Write(buf), n)
-                }
-                DiskOp::Read { offset, len } => {
-                    let mut b = AlignedBuf::zeroed(len);
-                    let e = opcode::Read::new(fd, b.as_mut_slice().as_mut_ptr(), len as u32)
-                        .offset(offset)
-                        .build();
-                    (e, Held::Read(b), len)
-                }
-                DiskOp::Flush => (
-                    opcode::Fsync::new(fd)
-                        .flags(types::FsyncFlags::DATASYNC)
-                        .build(),
-                    Held::Flush,
-                    0,
-                ),
-            };
-            // The buffer lives in `in_flight` (heap memory that does not move) until the
-            // completion arrives.
-            in_flight.insert(id, (tag, held, want));
-            let entry = entry.user_data(id);
-            loop {
-                // SAFETY: the entry's buffer stays alive and unmoved in `in_flight`
-                // until its completion is reaped below.
-                let pushed = unsafe { ring.submission().push(&entry) };
-                if pushed.is_ok() {
-                    break;
-                }
-                if let Err(e) = ring.submit() {
-                    tracing::error!(error = %e, "io_uring submit failed");
-                }
-            }
+        for c in ring.wait(Some(wait)) {
+            on_done(c);
         }
-        let args = types::SubmitArgs::new().timespec(&wait);
-        match ring.submitter().submit_with_args(1, &args) {
+    }
+}
+
+/// What an in-flight io_uring request keeps alive until its completion.
+enum Held {
+    // Never read: holding the Arc keeps the payload alive while the kernel reads it.
+    Write(#[allow(dead_code)] Arc<AlignedBuf>),
+    Read(AlignedBuf),
+    Flush,
+    Wake,
+}
+
+/// Completions of this id are the wake-up eventfd's, not the caller's.
+const WAKE_ID: u64 = u64::MAX;
+
+/// An io_uring on the backing device, driven from the thread that owns it: requests go
+/// straight into the submission queue and the owner waits for completions itself, so a
+/// request costs no hand-off to another thread.
+///
+/// Other threads wake the owner through an eventfd that the ring keeps a read posted on
+/// ([`Ring::watch_eventfd`]): one place to sleep for disk completions and new work alike.
+pub struct Ring {
+    file: File,
+    ring: io_uring::IoUring,
+    in_flight: HashMap<u64, (u64, Held, usize)>,
+    next_id: u64,
+    pub direct: bool,
+    pub size_bytes: u64,
+    wake_fd: Option<std::os::fd::RawFd>,
+    wake_buf: Box<[u8; 8]>,
+    wake_armed: bool,
+    unsubmitted: u32,
+}
+
+impl Ring {
+    pub fn open(path: &Path) -> io::Result<Ring> {
+        let (file, direct, size_bytes) = open_backing(path)?;
+        Ring::with_file(file, direct, size_bytes)
+    }
+
+    fn with_file(file: File, direct: bool, size_bytes: u64) -> io::Result<Ring> {
+        Ok(Ring {
+            file,
+            ring: io_uring::IoUring::new(RING_ENTRIES)?,
+            in_flight: HashMap::new(),
+            next_id: 1,
+            direct,
+            size_bytes,
+            wake_fd: None,
+            wake_buf: Box::new([0u8; 8]),
+            wake_armed: false,
+            unsubmitted: 0,
+        })
+    }
+
+    /// Requests submitted and not yet completed (the wake-up read not counted).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len() - usize::from(self.wake_armed)
+    }
+
+    /// Keep a read posted on `fd` (an eventfd) so that a write to it ends [`Ring::wait`].
+    /// The fd must outlive the ring.
+    pub fn watch_eventfd(&mut self, fd: std::os::fd::RawFd) {
+        self.wake_fd = Some(fd);
+        self.arm_wake();
+    }
+
+    fn arm_wake(&mut self) {
+        use io_uring::{opcode, types};
+        let Some(fd) = self.wake_fd else { return };
+        if self.wake_armed {
+            return;
+        }
+        let e = opcode::Read::new(types::Fd(fd), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE_ID);
+        self.in_flight.insert(WAKE_ID, (0, Held::Wake, 0));
+        self.wake_armed = true;
+        self.push(e);
+    }
+
+    fn push(&mut self, entry: io_uring::squeue::Entry) {
+        loop {
+            // SAFETY: every buffer an entry points at is kept alive and unmoved in
+            // `in_flight` (or, for the wake-up read, in `wake_buf`, a Box owned by the
+            // ring) until its completion is reaped.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                self.unsubmitted += 1;
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::error!(error = %e, "io_uring submit failed");
+            }
+            self.unsubmitted = 0;
+        }
+    }
+
+    pub fn submit(&mut self, tag: u64, op: DiskOp) {
+        use io_uring::{opcode, types};
+        let fd = types::Fd(self.file.as_raw_fd());
+        let id = self.next_id;
+        self.next_id += 1;
+        let (entry, held, want) = match op {
+            DiskOp::Write { offset, buf } => {
+                let e = opcode::Write::new(fd, buf.as_slice().as_ptr(), buf.len() as u32)
+                    .offset(offset)
+                    .build();
+                let n = buf.len();
+                (e, Held::Write(buf), n)
+            }
+            DiskOp::Read { offset, len } => {
+                let mut b = AlignedBuf::zeroed(len);
+                let e = opcode::Read::new(fd, b.as_mut_slice().as_mut_ptr(), len as u32)
+                    .offset(offset)
+                    .build();
+                (e, Held::Read(b), len)
+            }
+            DiskOp::Flush => (
+                opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+                Held::Flush,
+                0,
+            ),
+        };
+        // The buffer lives in `in_flight` (heap memory that does not move) until the
+        // completion arrives.
+        self.in_flight.insert(id, (tag, held, want));
+        self.push(entry.user_data(id));
+    }
+
+    /// Submit what is queued, wait up to `timeout` (forever with `None`) for at least one
+    /// completion, and return the completions of the caller's requests. A wake-up through
+    /// the eventfd returns early, possibly with nothing.
+    pub fn wait(&mut self, timeout: Option<std::time::Duration>) -> Vec<Completion> {
+        use io_uring::types;
+        let ts;
+        let args;
+        let r = match timeout {
+            Some(t) => {
+                ts = types::Timespec::new()
+                    .sec(t.as_secs())
+                    .nsec(t.subsec_nanos());
+                args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        self.unsubmitted = 0;
+        match r {
             Ok(_) => {}
             Err(e)
                 if matches!(
@@ -290,14 +394,37 @@ fn uring_worker(
                 ) => {}
             Err(e) => tracing::error!(error = %e, "io_uring wait failed"),
         }
-        let done: Vec<(u64, i32)> = ring
+        self.reap()
+    }
+
+    /// Submit what is queued without waiting.
+    pub fn flush_submissions(&mut self) {
+        if self.unsubmitted > 0 {
+            if let Err(e) = self.ring.submit() {
+                tracing::error!(error = %e, "io_uring submit failed");
+            }
+            self.unsubmitted = 0;
+        }
+    }
+
+    /// Completions already there, without waiting.
+    ///
+    /// (Called by `wait` and by the owner between waits.)
+    pub fn reap(&mut self) -> Vec<Completion> {
+        let done: Vec<(u64, i32)> = self
+            .ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
+        let mut out = Vec::with_capacity(done.len());
         for (id, res) in done {
-            let Some((tag, held, want)) = in_flight.remove(&id) else {
+            let Some((tag, held, want)) = self.in_flight.remove(&id) else {
                 continue;
             };
+            if let Held::Wake = held {
+                self.wake_armed = false;
+                continue;
+            }
             let result = if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else if (res as usize) < want {
@@ -311,7 +438,44 @@ fn uring_worker(
                     _ => None,
                 })
             };
-            on_done(Completion { tag, result });
+            out.push(Completion { tag, result });
+        }
+        self.arm_wake();
+        out
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The kernel may still be reading or writing buffers held in `in_flight`: cancel
+        // the wake-up read and wait for everything before the buffers are freed.
+        use io_uring::opcode;
+        if self.wake_armed {
+            let e = opcode::AsyncCancel::new(WAKE_ID)
+                .build()
+                .user_data(WAKE_ID - 1);
+            self.push(e);
+        }
+        self.wake_fd = None;
+        for _ in 0..1000 {
+            if self.in_flight.is_empty() {
+                return;
+            }
+            let _ = self.wait(Some(std::time::Duration::from_millis(10)));
+            if self.in_flight.len() == 1 && self.wake_armed {
+                // Cancel raced with arming; the kernel drops the read with the ring.
+                let e = opcode::AsyncCancel::new(WAKE_ID)
+                    .build()
+                    .user_data(WAKE_ID - 1);
+                self.push(e);
+            }
+        }
+        tracing::error!(
+            in_flight = self.in_flight.len(),
+            "io_uring requests still in flight at close; leaking their buffers"
+        );
+        for (_, v) in self.in_flight.drain() {
+            std::mem::forget(v);
         }
     }
 }

@@ -1,11 +1,16 @@
 //! The per-resource driver: one tokio task owns a core [`Resource`] and carries out its
 //! actions against the backing disk, the peer connections and the frontend.
 //!
-//! Everything that happens to the resource arrives as an [`Event`] on one channel: FUSE
-//! requests, disk completions (from the disk thread), frames from the peer, accepted
-//! connections, admin commands. The task handles one event, drains the core's actions,
-//! and sleeps until the next event or the core's next deadline. No lock is shared with the
-//! hot path: the core is owned by this task alone.
+//! The driver is one OS thread that owns the core and the backing disk's io_uring.
+//! Everything else that happens to the resource arrives as an [`Event`] on one channel:
+//! FUSE requests, frames from the peer, accepted connections, admin commands. The thread
+//! handles what is there, drains the core's actions, and sleeps in `io_uring_enter` until
+//! a disk completion, a new event (an eventfd the ring watches) or the core's next
+//! deadline. An application write thus costs one thread hand-off (FUSE to driver): the
+//! driver submits it to the disk itself, reaps the completion itself and answers FUSE
+//! itself. No lock is shared with the hot path: the core is owned by this thread alone.
+//! Where io_uring is not allowed, a disk worker thread (pread/pwrite) sends completions
+//! as events instead.
 //!
 //! Peer connections: two TCP connections per peer, `data` (writes, resync) and `meta`
 //! (acks, pings), so that acknowledgements never wait behind bulk data. The node whose
@@ -15,6 +20,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
@@ -27,7 +35,7 @@ use crate::core::resource::{
 use crate::core::wire::{Channel, Msg};
 use crate::core::Instant;
 use crate::shell::control::Reply;
-use crate::shell::disk::{AlignedBuf, Completion, Disk, DiskOp};
+use crate::shell::disk::{AlignedBuf, Completion, Disk, DiskOp, Ring};
 use crate::shell::frontend::{self, AppRequest, FuseDevice, ReadDone, SECTOR_BYTES};
 use crate::shell::net::{self, Attached};
 
@@ -89,12 +97,47 @@ pub enum Event {
     },
 }
 
+/// Wakes the driver thread when it sleeps in the ring.
+struct Waker {
+    efd: OwnedFd,
+    sleeping: AtomicBool,
+}
+
+/// The sending side of a driver's event channel; any thread may send.
+#[derive(Clone)]
+pub struct EventTx {
+    tx: std::sync::mpsc::Sender<Event>,
+    waker: Arc<Waker>,
+}
+
+impl EventTx {
+    /// Queue an event; `false` once the driver has stopped.
+    pub fn send(&self, ev: Event) -> bool {
+        if self.tx.send(ev).is_err() {
+            return false;
+        }
+        // Only a sleeping driver needs the system call.
+        if self.waker.sleeping.swap(false, Ordering::SeqCst) {
+            let one = 1u64.to_ne_bytes();
+            let _ = nix::unistd::write(&self.waker.efd, &one);
+        }
+        true
+    }
+}
+
 /// What the daemon keeps of a running resource.
 #[derive(Clone)]
 pub struct Handle {
     pub name: String,
-    pub tx: mpsc::UnboundedSender<Event>,
+    pub tx: EventTx,
     pub events: broadcast::Sender<String>,
+}
+
+enum Backing {
+    /// The driver thread owns the ring.
+    Ring(Box<Ring>),
+    /// A worker thread does pread/pwrite and sends completions as events.
+    Thread(Disk),
 }
 
 /// How the driver reaches its peer.
@@ -142,10 +185,12 @@ struct PendingRead {
 struct Driver {
     name: String,
     core: Resource,
-    disk: Disk,
+    disk: Backing,
     disk_path: PathBuf,
-    start: tokio::time::Instant,
-    tx: mpsc::UnboundedSender<Event>,
+    start: std::time::Instant,
+    rt: tokio::runtime::Handle,
+    tx: EventTx,
+    waker: Arc<Waker>,
     events: broadcast::Sender<String>,
     last_key: Option<StateKey>,
     bufs: HashMap<u64, Arc<AlignedBuf>>,
@@ -180,24 +225,64 @@ pub enum StartError {
     Frontend(#[from] frontend::FrontendError),
 }
 
-/// Open the disk, mount the frontend and start the resource's task.
+/// Open the disk, mount the frontend and start the resource's thread. Call from within
+/// the tokio runtime that is to carry the network tasks.
 pub fn start(s: Setup) -> Result<Handle, StartError> {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (raw_tx, rx) = std::sync::mpsc::channel();
+    let disk_name = s.disk_path.display().to_string();
+    let disk_err = |err: std::io::Error| StartError::Disk {
+        path: disk_name.clone(),
+        err,
+    };
+    let efd = nix::sys::eventfd::EventFd::from_value_and_flags(
+        0,
+        nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
+    )
+    .map_err(|e| disk_err(std::io::Error::from(e)))?;
+    let waker = Arc::new(Waker {
+        efd: OwnedFd::from(efd),
+        sleeping: AtomicBool::new(false),
+    });
+    let tx = EventTx {
+        tx: raw_tx,
+        waker: waker.clone(),
+    };
     let (events, _) = broadcast::channel(1024);
     let name = s.core.status().name;
-    let dtx = tx.clone();
-    let disk = Disk::open(
-        &s.disk_path,
-        s.want_uring,
-        Box::new(move |c| {
-            let _ = dtx.send(Event::Disk(c));
-        }),
-    )
-    .map_err(|err| StartError::Disk {
-        path: s.disk_path.display().to_string(),
-        err,
-    })?;
-    tracing::info!(resource = %name, backend = ?disk.backend, direct = disk.direct, "backing disk open");
+    let ring = if s.want_uring {
+        match Ring::open(&s.disk_path) {
+            Ok(mut r) => {
+                r.watch_eventfd(waker.efd.as_raw_fd());
+                Some(r)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(disk_err(e)),
+            Err(e) => {
+                tracing::warn!(resource = %name, error = %e, "io_uring not available; using pread/pwrite");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let disk = match ring {
+        Some(r) => {
+            tracing::info!(resource = %name, backend = "io_uring", direct = r.direct, "backing disk open");
+            Backing::Ring(Box::new(r))
+        }
+        None => {
+            let dtx = tx.clone();
+            let d = Disk::open(
+                &s.disk_path,
+                false,
+                Box::new(move |c| {
+                    let _ = dtx.send(Event::Disk(c));
+                }),
+            )
+            .map_err(disk_err)?;
+            tracing::info!(resource = %name, backend = "pread/pwrite", direct = d.direct, "backing disk open");
+            Backing::Thread(d)
+        }
+    };
     let ftx = tx.clone();
     let fuse = FuseDevice::mount(
         &s.mountpoint,
@@ -213,8 +298,10 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         core: s.core,
         disk,
         disk_path: s.disk_path,
-        start: tokio::time::Instant::now(),
+        start: std::time::Instant::now(),
+        rt: tokio::runtime::Handle::current(),
         tx: tx.clone(),
+        waker,
         events: events.clone(),
         last_key: None,
         bufs: HashMap::new(),
@@ -240,7 +327,10 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         device_busy: false,
         shutdown: None,
     };
-    tokio::spawn(d.run(rx));
+    std::thread::Builder::new()
+        .name(format!("tandem-{name}"))
+        .spawn(move || d.run(rx))
+        .map_err(disk_err)?;
     Ok(Handle { name, tx, events })
 }
 
@@ -249,37 +339,85 @@ impl Driver {
         Instant(self.start.elapsed().as_millis() as u64)
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+    fn submit(&mut self, tag: u64, op: DiskOp) {
+        match &mut self.disk {
+            Backing::Ring(r) => r.submit(tag, op),
+            Backing::Thread(d) => d.submit(tag, op),
+        }
+    }
+
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Event>) {
         self.drain();
         self.report_changes();
         loop {
-            let deadline = self
-                .core
-                .poll_timeout()
-                .map(|t| self.start + Duration::from_millis(t.0));
-            let ev = match deadline {
-                Some(d) => tokio::select! {
-                    ev = rx.recv() => ev,
-                    _ = tokio::time::sleep_until(d) => {
-                        let now = self.now();
-                        self.core.handle_timeout(now);
-                        self.drain();
-                        self.report_changes();
-                        continue;
-                    }
-                },
-                None => rx.recv().await,
-            };
-            let Some(ev) = ev else { break };
-            self.handle(ev);
-            // Take what else is queued before looking at timers again: under load this
-            // batches many FUSE requests and completions per wake-up.
+            let mut progressed = false;
             while let Ok(ev) = rx.try_recv() {
                 self.handle(ev);
+                progressed = true;
+            }
+            if let Backing::Ring(r) = &mut self.disk {
+                let done = r.reap();
+                progressed |= !done.is_empty();
+                let now = self.now();
+                for c in done {
+                    self.on_disk(now, c);
+                }
+                self.drain();
+            }
+            let now = self.now();
+            if self.core.poll_timeout().is_some_and(|t| t <= now) {
+                self.core.handle_timeout(now);
+                self.drain();
+                progressed = true;
             }
             self.report_changes();
             if self.shutdown.is_some() && self.core.is_idle() {
                 break;
+            }
+            if progressed {
+                if let Backing::Ring(r) = &mut self.disk {
+                    r.flush_submissions();
+                }
+                continue;
+            }
+            let timeout = self
+                .core
+                .poll_timeout()
+                .map(|t| Duration::from_millis(t.0.saturating_sub(self.now().0)));
+            match &mut self.disk {
+                Backing::Ring(r) => {
+                    self.waker.sleeping.store(true, Ordering::SeqCst);
+                    // Anything sent before `sleeping` was set is in the channel now.
+                    match rx.try_recv() {
+                        Ok(ev) => {
+                            self.waker.sleeping.store(false, Ordering::SeqCst);
+                            self.handle(ev);
+                            continue;
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                    }
+                    let done = r.wait(timeout);
+                    self.waker.sleeping.store(false, Ordering::SeqCst);
+                    let now = self.now();
+                    for c in done {
+                        self.on_disk(now, c);
+                    }
+                    self.drain();
+                }
+                Backing::Thread(_) => {
+                    let ev = match timeout {
+                        Some(t) => rx.recv_timeout(t),
+                        None => rx
+                            .recv()
+                            .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+                    };
+                    match ev {
+                        Ok(ev) => self.handle(ev),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
             }
         }
         self.close_peer();
@@ -349,7 +487,7 @@ impl Driver {
                     // (or a short grace) before telling the core.
                     c.half_closed = true;
                     let tx = self.tx.clone();
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         tokio::time::sleep(HALF_CLOSE_GRACE).await;
                         let _ = tx.send(Event::PeerGrace { conn });
                     });
@@ -453,7 +591,7 @@ impl Driver {
                         done,
                     },
                 );
-                self.disk.submit(
+                self.submit(
                     tag,
                     DiskOp::Read {
                         offset: a_off,
@@ -498,7 +636,7 @@ impl Driver {
             IoKind::Meta if ok => {
                 let tag = c.tag | META_SYNC_BIT;
                 self.ios.insert(tag, IoKind::MetaSync { io: IoId(c.tag) });
-                self.disk.submit(tag, DiskOp::Flush);
+                self.submit(tag, DiskOp::Flush);
             }
             IoKind::Meta => self.core.handle_disk_done(now, IoId(c.tag), false),
             IoKind::MetaSync { io } => self.core.handle_disk_done(now, io, ok),
@@ -549,7 +687,7 @@ impl Driver {
                 let tx = self.tx.clone();
                 let link = self.link.clone();
                 let forced = matches!(cmd, AdminCmd::Promote { force: true });
-                tokio::task::spawn_blocking(move || {
+                std::thread::spawn(move || {
                     let attached = frontend::attach_loop(&file).map_err(|e| e.to_string());
                     let message = format!(
                         "primary{}; device {}",
@@ -570,7 +708,7 @@ impl Driver {
                     Some(dev) => {
                         self.device_busy = true;
                         let tx = self.tx.clone();
-                        tokio::task::spawn_blocking(move || {
+                        std::thread::spawn(move || {
                             let message = match frontend::detach_loop(&dev) {
                                 Ok(()) => "secondary".to_string(),
                                 Err(e) => format!("secondary; detaching {}: {e}", dev.display()),
@@ -600,14 +738,12 @@ impl Driver {
         match a {
             Action::DiskWrite { io, offset, buf } => match self.bufs.get(&buf.0) {
                 Some(b) => {
+                    let op = DiskOp::Write {
+                        offset,
+                        buf: b.clone(),
+                    };
                     self.ios.insert(io.0, IoKind::Write);
-                    self.disk.submit(
-                        io.0,
-                        DiskOp::Write {
-                            offset,
-                            buf: b.clone(),
-                        },
-                    );
+                    self.submit(io.0, op);
                 }
                 None => {
                     tracing::error!(resource = %self.name, buf = buf.0, "core wrote a buffer the driver does not hold");
@@ -622,7 +758,7 @@ impl Driver {
                 buf,
             } => {
                 self.ios.insert(io.0, IoKind::Read { buf });
-                self.disk.submit(
+                self.submit(
                     io.0,
                     DiskOp::Read {
                         offset,
@@ -632,11 +768,11 @@ impl Driver {
             }
             Action::DiskFlush { io } => {
                 self.ios.insert(io.0, IoKind::Flush);
-                self.disk.submit(io.0, DiskOp::Flush);
+                self.submit(io.0, DiskOp::Flush);
             }
             Action::MetaWrite { io, offset, bytes } => {
                 self.ios.insert(io.0, IoKind::Meta);
-                self.disk.submit(
+                self.submit(
                     io.0,
                     DiskOp::Write {
                         offset,
@@ -711,7 +847,7 @@ impl Driver {
             channel,
         };
         let (a_data, a_meta) = (attach(0), attach(1));
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             tokio::time::sleep(delay).await;
             let result = async {
                 let d = net::connect(addr, &secret, &a_data).await?;
@@ -768,12 +904,12 @@ impl Driver {
         for s in [data, meta] {
             let (r, w) = s.into_split();
             let tx = self.tx.clone();
-            readers.push(tokio::spawn(async move {
+            readers.push(self.rt.spawn(async move {
                 let mut r = BufReader::with_capacity(64 << 10, r);
                 loop {
                     match net::read_frame(&mut r).await {
                         Ok((msg, data)) => {
-                            if tx.send(Event::PeerMsg { conn: id, msg, data }).is_err() {
+                            if !tx.send(Event::PeerMsg { conn: id, msg, data }) {
                                 return;
                             }
                         }
@@ -794,7 +930,7 @@ impl Driver {
                 }
             }));
             let (wtx, wrx) = mpsc::unbounded_channel();
-            tokio::spawn(writer(w, wrx, self.tx.clone(), id));
+            self.rt.spawn(writer(w, wrx, self.tx.clone(), id));
             txs.push(wtx);
         }
         let meta_tx = txs.pop();
@@ -843,9 +979,9 @@ impl Driver {
             o.insert(
                 "io_backend".into(),
                 serde_json::Value::String(
-                    match self.disk.backend {
-                        crate::shell::disk::Backend::IoUring => "io_uring",
-                        crate::shell::disk::Backend::Sync => "pread/pwrite",
+                    match self.disk {
+                        Backing::Ring(_) => "io_uring",
+                        Backing::Thread(_) => "pread/pwrite",
                     }
                     .into(),
                 ),
@@ -888,7 +1024,7 @@ fn errno(e: ReqError) -> i32 {
 async fn writer(
     w: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<(Msg, Option<Arc<AlignedBuf>>)>,
-    events: mpsc::UnboundedSender<Event>,
+    events: EventTx,
     conn: u64,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, w);

@@ -405,6 +405,11 @@ impl Cluster {
 
     /// Fresh metadata on both, daemons up, `primary` promoted and the pair in sync.
     pub fn up(&mut self, primary: usize, assume_clean: bool) {
+        self.up_with(primary, assume_clean, &[]);
+    }
+
+    /// [`Cluster::up`] with extra `tandemd` flags.
+    pub fn up_with(&mut self, primary: usize, assume_clean: bool, daemon_args: &[&str]) {
         let extra: &[&str] = if assume_clean {
             &["--assume-clean"]
         } else {
@@ -412,8 +417,8 @@ impl Cluster {
         };
         self.create_md(0, extra);
         self.create_md(1, extra);
-        self.start(0);
-        self.start(1);
+        self.start_with(0, daemon_args);
+        self.start_with(1, daemon_args);
         for i in 0..2 {
             self.wait_for(i, "connected", 15, |s| s["connection"] == "connected");
         }
