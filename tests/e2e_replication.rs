@@ -209,8 +209,15 @@ fn kill_primary_mid_write_activity_log_resync() {
     w.wait_written(500);
     c.kill(0);
     // The writer sees its device fail and stops.
-    let errors = w.finish();
-    assert!(errors > 0, "writes kept succeeding after the primary died");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while w.errors.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes kept succeeding after the primary died"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    w.finish();
     c.wait_for(1, "peer lost", 10, |s| s["connection"] == "connecting");
     c.stop(1);
     // Restart both; the crashed primary's activity log decides what to resync.
