@@ -145,6 +145,25 @@ fn main() {
         c.wait_in_sync(60);
     }
 
+    // Diagnostic: protocol C with the secondary's disk in RAM, so that what remains over
+    // the peer-absent device is the network path, not the second disk's flush (both nodes'
+    // disks share one device on this machine).
+    if run("C-ram") {
+        let mut c = Cluster::new(
+            "bench-ram",
+            Opts {
+                beta_disk_dir: Some("/dev/shm".into()),
+                ..Opts::default()
+            },
+        );
+        c.up_with(0, true, &daemon_args);
+        let dev = c.nodes[0].device.clone();
+        let r = measure(&dev, secs);
+        print("tandem, C, peer disk in RAM", &r);
+        results.push(("C, peer in RAM", r));
+        c.wait_in_sync(60);
+    }
+
     let get = |n: &str| results.iter().find(|(k, _)| *k == n).map(|(_, f)| f);
     let (Some(plain), Some(alone), Some(c), Some(a)) = (
         get("plain file"),
@@ -172,4 +191,11 @@ fn main() {
         100.0 * (a.p99_us / alone.p99_us - 1.0),
         100.0 * a.seq_mb_s / alone.seq_mb_s
     );
+    if let Some(r) = get("C, peer in RAM") {
+        println!(
+            "C (peer disk in RAM) / peer absent:  p50 latency {:+.0}%   seq throughput {:.0}%",
+            100.0 * (r.p50_us / alone.p50_us - 1.0),
+            100.0 * r.seq_mb_s / alone.seq_mb_s
+        );
+    }
 }

@@ -432,3 +432,56 @@ fn bad_input_gets_a_clear_error_and_the_daemon_keeps_serving() {
     // And alpha kept serving through all of it.
     assert_eq!(c.status(0)["role"], "secondary");
 }
+
+#[test]
+fn events_report_state_changes_as_they_happen() {
+    use std::io::{BufRead, BufReader};
+    let mut c = Cluster::new("events", Opts::default());
+    c.up(0, true);
+    let mut child = Command::new(common::TANDEMCTL)
+        .arg("--socket")
+        .arg(&c.nodes[0].socket)
+        .args(["events", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("events");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no event for {what}"));
+            let v: serde_json::Value = serde_json::from_str(&line).expect("event json");
+            if pred(&v) {
+                return v;
+            }
+        }
+    };
+    let first = next("current state", &|v| v["event"] == "exists");
+    assert_eq!(first["status"]["role"], "primary");
+    c.ctl(0, &["disconnect", "r0"]);
+    next("standalone", &|v| {
+        v["event"] == "change" && v["status"]["connection"] == "standalone"
+    });
+    c.ctl(0, &["connect", "r0"]);
+    next("established", &|v| {
+        v["event"] == "change" && v["status"]["replication"] == "established"
+    });
+    c.ctl(0, &["demote", "r0"]);
+    next("secondary", &|v| {
+        v["event"] == "change" && v["status"]["role"] == "secondary"
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -75,6 +75,9 @@ pub struct Opts {
     pub disk_bytes: [u64; 2],
     /// Extra lines for the resource section.
     pub extra: &'static str,
+    /// Put beta's backing disk in this directory instead (e.g. /dev/shm, to take the
+    /// secondary's disk out of a measurement).
+    pub beta_disk_dir: Option<PathBuf>,
 }
 
 impl Default for Opts {
@@ -83,6 +86,7 @@ impl Default for Opts {
             protocol: "C",
             disk_bytes: [128 << 20, 128 << 20],
             extra: "",
+            beta_disk_dir: None,
         }
     }
 }
@@ -133,7 +137,10 @@ impl Cluster {
             c.add_host(&ns, &addr, i);
             let node_dir = dir.join(name);
             std::fs::create_dir_all(&node_dir).expect("node dir");
-            let disk = node_dir.join("disk.img");
+            let disk = match (&o.beta_disk_dir, i) {
+                (Some(d), 1) => d.join(format!("tandem-{id}-beta.img")),
+                _ => node_dir.join("disk.img"),
+            };
             let f = std::fs::File::create(&disk).expect("disk");
             f.set_len(o.disk_bytes[i]).expect("disk size");
             c.nodes.push(Node {
@@ -425,6 +432,9 @@ impl Cluster {
         if assume_clean {
             self.ctl(primary, &["promote", "r0"]);
         } else {
+            // Both disks are inconsistent: promotion needs --force, and says why.
+            let e = self.ctl_fails(primary, &["promote", "r0"]);
+            assert!(e.contains("not UpToDate") && e.contains("--force"), "{e}");
             self.ctl(primary, &["promote", "r0", "--force"]);
         }
         self.wait_in_sync(60);
@@ -535,6 +545,11 @@ impl Drop for Cluster {
         ]));
         if !std::thread::panicking() || std::env::var_os("TANDEM_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
+            for n in &self.nodes {
+                if !n.disk.starts_with(&self.dir) {
+                    let _ = std::fs::remove_file(&n.disk);
+                }
+            }
         }
     }
 }
