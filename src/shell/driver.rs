@@ -21,10 +21,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -38,6 +38,7 @@ use crate::shell::control::Reply;
 use crate::shell::disk::{AlignedBuf, Completion, Disk, DiskOp, Ring};
 use crate::shell::frontend::{self, AppRequest, FuseDevice, ReadDone, SECTOR_BYTES};
 use crate::shell::net::{self, Attached};
+use crate::shell::sendq::{self, SendQueue};
 
 /// Buffers received from the peer; apart from application writes (their request
 /// number) and the core's own reads (`CORE_BUF_BIT`).
@@ -74,6 +75,12 @@ pub enum Event {
         conn: u64,
         reason: String,
         eof: bool,
+    },
+    /// The backlog task of a channel finished or failed.
+    SendReport {
+        conn: u64,
+        channel: usize,
+        report: sendq::TaskReport,
     },
     /// The grace period after one channel's clean close is over.
     PeerGrace {
@@ -168,8 +175,8 @@ enum IoKind {
 
 struct PeerConn {
     id: u64,
-    data_tx: mpsc::UnboundedSender<(Msg, Option<Arc<AlignedBuf>>)>,
-    meta_tx: mpsc::UnboundedSender<(Msg, Option<Arc<AlignedBuf>>)>,
+    /// Data channel, then meta channel.
+    out: [SendQueue; 2],
     readers: Vec<JoinHandle<()>>,
     /// One channel has been closed cleanly by the peer: the other may still deliver
     /// what the peer sent before it closed.
@@ -374,6 +381,7 @@ impl Driver {
             if self.shutdown.is_some() && self.core.is_idle() {
                 break;
             }
+            self.flush_sends();
             if progressed {
                 if let Backing::Ring(r) = &mut self.disk {
                     r.flush_submissions();
@@ -496,6 +504,23 @@ impl Driver {
                 self.close_peer();
                 self.core.handle_peer_disconnected(now, &reason);
                 self.maybe_dial();
+            }
+            Event::SendReport {
+                conn,
+                channel,
+                report,
+            } => {
+                let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) else {
+                    return;
+                };
+                match report {
+                    sendq::TaskReport::Drained { handoff } => c.out[channel].on_report(handoff),
+                    sendq::TaskReport::Failed(reason) => {
+                        self.close_peer();
+                        self.core.handle_peer_disconnected(now, &reason);
+                        self.maybe_dial();
+                    }
+                }
             }
             Event::PeerGrace { conn } => {
                 if self.conn.as_ref().map(|c| c.id) == Some(conn) {
@@ -781,7 +806,7 @@ impl Driver {
                 );
             }
             Action::Send { msg, buf } => {
-                let Some(c) = &self.conn else { return };
+                let Some(c) = &mut self.conn else { return };
                 let data = match buf {
                     Some(b) => match self.bufs.get(&b.0) {
                         Some(d) => Some(d.clone()),
@@ -792,11 +817,13 @@ impl Driver {
                     },
                     None => None,
                 };
-                let tx = match msg.channel() {
-                    Channel::Data => &c.data_tx,
-                    Channel::Meta => &c.meta_tx,
+                let empty: &[u8] = &[];
+                let head = msg.encode(data.as_ref().map_or(empty, |d| d.as_slice()));
+                let ch = match msg.channel() {
+                    Channel::Data => 0,
+                    Channel::Meta => 1,
                 };
-                let _ = tx.send((msg, data));
+                c.out[ch].push(head, data);
             }
             Action::ReleaseBuf(b) => {
                 self.bufs.remove(&b.0);
@@ -900,8 +927,16 @@ impl Driver {
         self.backoff_ms = 0;
         self.dial_failures = 0;
         let mut readers = Vec::new();
-        let mut txs = Vec::new();
-        for s in [data, meta] {
+        let mut outs = Vec::new();
+        for (ch, s) in [data, meta].into_iter().enumerate() {
+            // A second descriptor of the socket for the driver's own non-blocking writes.
+            let direct = match s.as_fd().try_clone_to_owned() {
+                Ok(fd) => std::net::TcpStream::from(fd),
+                Err(e) => {
+                    tracing::error!(resource = %self.name, error = %e, "dup socket");
+                    return;
+                }
+            };
             let (r, w) = s.into_split();
             let tx = self.tx.clone();
             readers.push(self.rt.spawn(async move {
@@ -930,19 +965,23 @@ impl Driver {
                 }
             }));
             let (wtx, wrx) = mpsc::unbounded_channel();
-            self.rt.spawn(writer(w, wrx, self.tx.clone(), id));
-            txs.push(wtx);
+            let tx = self.tx.clone();
+            self.rt.spawn(sendq::backlog_task(w, wrx, move |report| {
+                let _ = tx.send(Event::SendReport {
+                    conn: id,
+                    channel: ch,
+                    report,
+                });
+            }));
+            outs.push(SendQueue::new(direct, wtx));
         }
-        let meta_tx = txs.pop();
-        let data_tx = txs.pop();
-        let (Some(data_tx), Some(meta_tx)) = (data_tx, meta_tx) else {
+        let Ok(out) = <[SendQueue; 2]>::try_from(outs) else {
             return;
         };
         tracing::info!(resource = %self.name, peer = %self.peer.peer_node, conn = id, "peer connected");
         self.conn = Some(PeerConn {
             id,
-            data_tx,
-            meta_tx,
+            out,
             readers,
             half_closed: false,
         });
@@ -951,10 +990,32 @@ impl Driver {
 
     /// Forget the connection: queued frames still go out, then the sockets close.
     fn close_peer(&mut self) {
-        if let Some(c) = self.conn.take() {
+        if let Some(mut c) = self.conn.take() {
+            for o in &mut c.out {
+                o.close();
+            }
             for r in c.readers {
                 r.abort();
             }
+        }
+    }
+
+    /// Put this iteration's frames on the wire.
+    fn flush_sends(&mut self) {
+        let Some(c) = &mut self.conn else { return };
+        let mut failed = None;
+        for o in &mut c.out {
+            if let Err(e) = o.flush() {
+                failed = Some(e);
+            }
+        }
+        if let Some(reason) = failed {
+            let conn = c.id;
+            let _ = self.tx.send(Event::PeerDown {
+                conn,
+                reason,
+                eof: false,
+            });
         }
     }
 
@@ -1017,36 +1078,5 @@ fn errno(e: ReqError) -> i32 {
         ReqError::ReadOnly => nix::libc::EROFS,
         ReqError::OutOfRange => nix::libc::ENOSPC,
         ReqError::Io => nix::libc::EIO,
-    }
-}
-
-/// Sends frames in order, many per system call when they queue up.
-async fn writer(
-    w: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<(Msg, Option<Arc<AlignedBuf>>)>,
-    events: EventTx,
-    conn: u64,
-) {
-    let mut w = BufWriter::with_capacity(256 << 10, w);
-    let result: Result<(), net::NetError> = async {
-        while let Some((msg, data)) = rx.recv().await {
-            let empty: &[u8] = &[];
-            net::write_frame(&mut w, &msg, data.as_ref().map_or(empty, |d| d.as_slice())).await?;
-            while let Ok((msg, data)) = rx.try_recv() {
-                net::write_frame(&mut w, &msg, data.as_ref().map_or(empty, |d| d.as_slice()))
-                    .await?;
-            }
-            w.flush().await?;
-        }
-        w.shutdown().await?;
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        let _ = events.send(Event::PeerDown {
-            conn,
-            reason: format!("send: {e}"),
-            eof: false,
-        });
     }
 }

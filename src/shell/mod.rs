@@ -7,3 +7,4 @@ pub mod driver;
 pub mod frontend;
 pub mod md;
 pub mod net;
+pub mod sendq;
