@@ -278,3 +278,68 @@ impl Config {
         Ok(())
     }
 }
+
+/// `tandem-witness`'s own config file.
+#[derive(Debug, Clone)]
+pub struct WitnessConfig {
+    pub file: String,
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub secret_file: PathBuf,
+    pub lease_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawWitness {
+    listen: Option<String>,
+    state_dir: Option<String>,
+    secret_file: Option<String>,
+    lease_ms: Option<u64>,
+}
+
+impl WitnessConfig {
+    pub fn load(path: &Path) -> Result<WitnessConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            file: file.clone(),
+            err,
+        })?;
+        WitnessConfig::parse(&text, &file)
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<WitnessConfig, ConfigError> {
+        let raw: RawWitness = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            msg: e.to_string().trim().replace('\n', " "),
+        })?;
+        let key_err = |key: &str, msg: String| ConfigError::Key {
+            file: file.to_string(),
+            key: key.to_string(),
+            msg,
+        };
+        let l = raw
+            .listen
+            .ok_or_else(|| key_err("listen", "missing: the IP:port to serve on".into()))?;
+        let listen = l
+            .parse::<SocketAddr>()
+            .map_err(|_| key_err("listen", format!("{l:?} is not an IP:port address")))?;
+        let lease_ms = raw.lease_ms.unwrap_or(2000);
+        if !(100..=600_000).contains(&lease_ms) {
+            return Err(key_err("lease-ms", "must be 100..=600000".into()));
+        }
+        Ok(WitnessConfig {
+            file: file.to_string(),
+            listen,
+            state_dir: PathBuf::from(
+                raw.state_dir
+                    .unwrap_or_else(|| "/var/lib/tandem-witness".into()),
+            ),
+            secret_file: PathBuf::from(
+                raw.secret_file
+                    .unwrap_or_else(|| "/etc/tandem/secret".into()),
+            ),
+            lease_ms,
+        })
+    }
+}

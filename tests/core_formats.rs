@@ -185,6 +185,21 @@ fn all_messages() -> Vec<Msg> {
         },
         Msg::Ping { id: 77 },
         Msg::PingAck { id: 77 },
+        Msg::WitnessRequest(tandem::core::witness::Request {
+            op: tandem::core::witness::Op::Outdate,
+            resource: "pg".into(),
+            term: 9,
+            peer: "beta".into(),
+            uptodate: true,
+        }),
+        Msg::WitnessReply(tandem::core::witness::Reply {
+            granted: false,
+            term: 9,
+            lease_ms: 2000,
+            primary: "alpha".into(),
+            up_to_date: vec!["alpha".into(), "beta".into()],
+            reason: "stale term".into(),
+        }),
     ]
 }
 

@@ -48,20 +48,6 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let s =
-        std::fs::read(path).with_context(|| format!("{}: cannot read secret", path.display()))?;
-    let s: Vec<u8> = s.trim_ascii().to_vec();
-    if s.len() < 16 {
-        bail!(
-            "{}: secret is {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64`)",
-            path.display(),
-            s.len()
-        );
-    }
-    Ok(s)
-}
-
 struct Daemon {
     resources: BTreeMap<String, Handle>,
 }
@@ -108,7 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(&cli.config)?;
     let node = cli.node.clone().unwrap_or_else(hostname);
     cfg.check_node(&node)?;
-    let secret = Arc::new(read_secret(&cfg.secret_file)?);
+    let secret = Arc::new(net::read_secret(&cfg.secret_file).map_err(|e| anyhow!(e))?);
     let run_dir = std::path::absolute(cli.run_dir.clone().unwrap_or_else(|| cfg.run_dir.clone()))
         .context("run dir")?;
     std::fs::create_dir_all(&run_dir)

@@ -11,6 +11,7 @@ pub mod meta;
 pub mod resource;
 pub mod uuid;
 pub mod wire;
+pub mod witness;
 
 /// A point in time, in milliseconds since an arbitrary origin chosen by the driver.
 ///

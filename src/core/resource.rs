@@ -959,6 +959,9 @@ impl Resource {
             | Msg::AuthResponse { .. }
             | Msg::AuthProof { .. }
             | Msg::Attach { .. } => self.protocol_error("handshake message after handshake", buf),
+            Msg::WitnessRequest(_) | Msg::WitnessReply(_) => {
+                self.protocol_error("witness message on a peer connection", buf)
+            }
         }
     }
 

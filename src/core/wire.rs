@@ -6,6 +6,7 @@
 //! buffer and hand it to the disk without a copy.
 
 use crate::core::uuid::{Generation, HISTORY_LEN};
+use crate::core::witness;
 
 pub const FRAME_MAGIC: u32 = 0x4D44_4E54; // "TNDM"
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -119,6 +120,9 @@ pub enum Msg {
     PingAck {
         id: u64,
     },
+    // Between a data node and the witness.
+    WitnessRequest(witness::Request),
+    WitnessReply(witness::Reply),
 }
 
 impl Msg {
@@ -143,6 +147,8 @@ impl Msg {
             Msg::State { .. } => 22,
             Msg::Ping { .. } => 23,
             Msg::PingAck { .. } => 24,
+            Msg::WitnessRequest(_) => 30,
+            Msg::WitnessReply(_) => 31,
         }
     }
 
@@ -229,6 +235,25 @@ impl Msg {
                 e.u8(*disk);
             }
             Msg::Ping { id } | Msg::PingAck { id } => e.u64(*id),
+            Msg::WitnessRequest(r) => {
+                e.u8(r.op as u8);
+                e.str(&r.resource);
+                e.u64(r.term);
+                e.str(&r.peer);
+                e.u8(r.uptodate as u8);
+            }
+            Msg::WitnessReply(r) => {
+                e.u8(r.granted as u8);
+                e.u64(r.term);
+                e.u64(r.lease_ms);
+                e.str(&r.primary);
+                let n = r.up_to_date.len().min(255);
+                e.u8(n as u8);
+                for u in &r.up_to_date[..n] {
+                    e.str(u);
+                }
+                e.str(&r.reason);
+            }
         }
     }
 
@@ -324,6 +349,33 @@ impl Msg {
             },
             23 => Msg::Ping { id: d.u64("ping")? },
             24 => Msg::PingAck { id: d.u64("ping")? },
+            30 => Msg::WitnessRequest(witness::Request {
+                op: witness::Op::from_code(d.u8("witness request")?)
+                    .ok_or(WireError::Malformed("witness request"))?,
+                resource: d.str("witness request")?,
+                term: d.u64("witness request")?,
+                peer: d.str("witness request")?,
+                uptodate: d.u8("witness request")? != 0,
+            }),
+            31 => {
+                let granted = d.u8("witness reply")? != 0;
+                let term = d.u64("witness reply")?;
+                let lease_ms = d.u64("witness reply")?;
+                let primary = d.str("witness reply")?;
+                let n = d.u8("witness reply")? as usize;
+                let mut up_to_date = Vec::with_capacity(n);
+                for _ in 0..n {
+                    up_to_date.push(d.str("witness reply")?);
+                }
+                Msg::WitnessReply(witness::Reply {
+                    granted,
+                    term,
+                    lease_ms,
+                    primary,
+                    up_to_date,
+                    reason: d.str("witness reply")?,
+                })
+            }
             k => return Err(WireError::Kind(k)),
         };
         if !d.0.is_empty() {

@@ -30,6 +30,21 @@ pub enum NetError {
     Unexpected(&'static str),
 }
 
+/// The shared secret from its file (surrounding whitespace trimmed); at least 16 bytes.
+pub fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let s =
+        std::fs::read(path).map_err(|e| format!("{}: cannot read secret: {e}", path.display()))?;
+    let s = s.trim_ascii().to_vec();
+    if s.len() < 16 {
+        return Err(format!(
+            "{}: secret is {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64`)",
+            path.display(),
+            s.len()
+        ));
+    }
+    Ok(s)
+}
+
 /// 32 bytes from the kernel's random source.
 pub fn random_nonce() -> io::Result<[u8; 32]> {
     use std::io::Read;
@@ -144,4 +159,43 @@ pub async fn accept(mut s: TcpStream, secret: &[u8]) -> Result<(TcpStream, Attac
     })
     .await
     .map(|a| (s, a))
+}
+
+/// `Attach.channel` of a connection to the witness.
+pub const WITNESS_CHANNEL: u8 = 2;
+
+/// A data node's connection to the witness: one request, one reply.
+pub struct WitnessClient {
+    s: TcpStream,
+}
+
+impl WitnessClient {
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        secret: &[u8],
+        node: &str,
+    ) -> Result<WitnessClient, NetError> {
+        let s = connect(
+            addr,
+            secret,
+            &Attached {
+                resource: String::new(),
+                node: node.to_string(),
+                channel: WITNESS_CHANNEL,
+            },
+        )
+        .await?;
+        Ok(WitnessClient { s })
+    }
+
+    pub async fn call(
+        &mut self,
+        req: crate::core::witness::Request,
+    ) -> Result<crate::core::witness::Reply, NetError> {
+        write_frame(&mut self.s, &Msg::WitnessRequest(req), &[]).await?;
+        match read_frame(&mut self.s).await? {
+            (Msg::WitnessReply(r), None) => Ok(r),
+            _ => Err(NetError::Unexpected("instead of a witness reply")),
+        }
+    }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 pub const TANDEMD: &str = env!("CARGO_BIN_EXE_tandemd");
 pub const TANDEMCTL: &str = env!("CARGO_BIN_EXE_tandemctl");
+pub const WITNESS: &str = env!("CARGO_BIN_EXE_tandem-witness");
 pub const SECRET: &str = "e2e-test-secret-0123456789abcdef";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -99,6 +100,11 @@ pub struct Cluster {
     bridge_ns: String,
     subnet: String,
     mounts: Vec<PathBuf>,
+    id: String,
+    /// The witness host, once added: namespace, address, and its process.
+    pub witness_ns: Option<String>,
+    pub witness_addr: String,
+    pub witness_child: Option<Child>,
 }
 
 impl Cluster {
@@ -127,6 +133,10 @@ impl Cluster {
             bridge_ns: format!("{id}br"),
             subnet: subnet.clone(),
             mounts: Vec::new(),
+            id: id.clone(),
+            witness_ns: None,
+            witness_addr: format!("{subnet}.3:7790"),
+            witness_child: None,
         };
         sh(Command::new("ip").args(["netns", "add", &c.bridge_ns]));
         sh(Command::new("ip").args(["-n", &c.bridge_ns, "link", "add", "br0", "type", "bridge"]));
@@ -499,6 +509,89 @@ impl Cluster {
         ]));
     }
 
+    /// A third host for the witness, with its config written (`lease_ms` lease).
+    pub fn add_witness(&mut self, lease_ms: u64) {
+        let ns = format!("{}w", self.id);
+        let addr = format!("{}.3", self.subnet);
+        self.add_host(&ns, &addr, 2);
+        self.witness_ns = Some(ns);
+        std::fs::create_dir_all(self.dir.join("witness")).expect("witness dir");
+        std::fs::write(
+            self.dir.join("witness/witness.toml"),
+            format!(
+                "listen = \"{}\"\nstate-dir = \"{}\"\nsecret-file = \"{}\"\nlease-ms = {lease_ms}\n",
+                self.witness_addr,
+                self.dir.join("witness/state").display(),
+                self.dir.join("secret").display()
+            ),
+        )
+        .expect("witness config");
+    }
+
+    fn witness_cmd(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!(
+            "--net=/run/netns/{}",
+            self.witness_ns.as_deref().unwrap_or("")
+        ))
+        .arg("--")
+        .arg(WITNESS)
+        .arg("--config")
+        .arg(self.dir.join("witness/witness.toml"));
+        c
+    }
+
+    pub fn witness_state_file(&self) -> PathBuf {
+        self.dir.join("witness/state/state")
+    }
+
+    pub fn start_witness(&mut self) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("witness/witness.log"))
+            .expect("log");
+        let child = self
+            .witness_cmd()
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn witness");
+        self.witness_child = Some(child);
+        // Ready once its port answers, asked from inside a node's namespace.
+        let addr: std::net::SocketAddr = self.witness_addr.parse().expect("addr");
+        let ns = self.nodes[0].ns.clone();
+        let up = in_netns(&ns, move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        });
+        assert!(up, "witness did not come up");
+    }
+
+    /// Start a witness that must refuse to start; returns its stderr.
+    pub fn witness_start_fails(&self) -> String {
+        let out = self.witness_cmd().output().expect("run witness");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "the witness should refuse to start"
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    }
+
+    pub fn stop_witness(&mut self) {
+        if let Some(mut c) = self.witness_child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn tail_logs(&self) {
         for n in &self.nodes {
             let text = std::fs::read_to_string(&n.log).unwrap_or_default();
@@ -532,6 +625,10 @@ impl Drop for Cluster {
             }
             let _ =
                 nix::mount::umount2(&n.run_dir.join("fuse-r0"), nix::mount::MntFlags::MNT_DETACH);
+        }
+        self.stop_witness();
+        if let Some(ns) = &self.witness_ns {
+            let _ = quiet(Command::new("ip").args(["netns", "del", ns]));
         }
         for n in &self.nodes {
             let _ = quiet(Command::new("ip").args(["netns", "del", &n.ns]));

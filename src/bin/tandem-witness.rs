@@ -1,0 +1,187 @@
+//! `tandem-witness`: the quorum witness for many resources and many pairs. Keeps per
+//! resource the term, the primary and the up-to-date set in one state file, written
+//! durably (temp file, fsync, rename, fsync the directory) before any reply that depends
+//! on it. The decisions are `tandem::core::witness`; this is its shell.
+//!
+//! Exit codes: 0 after SIGTERM/SIGINT, 1 when it cannot start (bad config, unreadable or
+//! corrupt state, port in use), 2 usage.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Context};
+use clap::Parser;
+use tokio::net::{TcpListener, TcpStream};
+
+use tandem::config::WitnessConfig;
+use tandem::core::wire::Msg;
+use tandem::core::witness::{self, Witness};
+use tandem::core::Instant;
+use tandem::shell::net;
+
+#[derive(Parser)]
+#[command(name = "tandem-witness", about = "Tandem quorum witness")]
+struct Cli {
+    #[arg(long, default_value = "/etc/tandem/witness.toml")]
+    config: PathBuf,
+}
+
+struct Shared {
+    core: Witness,
+    start: std::time::Instant,
+    state_file: PathBuf,
+}
+
+impl Shared {
+    fn now(&self) -> Instant {
+        Instant(self.start.elapsed().as_millis() as u64)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tandem-witness: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tandem-witness: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Write the state so that after a crash either the old or the new file is there, whole.
+fn persist(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = WitnessConfig::load(&cli.config)?;
+    let secret = Arc::new(net::read_secret(&cfg.secret_file).map_err(|e| anyhow!(e))?);
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("create state dir {}", cfg.state_dir.display()))?;
+    let state_file = cfg.state_dir.join("state");
+    let state = match std::fs::read(&state_file) {
+        Ok(b) => witness::decode_state(&b).map_err(|e| {
+            anyhow!(
+                "{}: {e}; refusing to start (restore the file from a backup; deleting it forgets every term and lets a stale node be promoted)",
+                state_file.display()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(file = %state_file.display(), "no state yet; starting empty");
+            Default::default()
+        }
+        Err(e) => return Err(anyhow!("{}: {e}", state_file.display())),
+    };
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listen on {}", cfg.listen))?;
+    let shared = Arc::new(Mutex::new(Shared {
+        core: Witness::new(cfg.lease_ms, Instant(0), state),
+        start: std::time::Instant::now(),
+        state_file,
+    }));
+    tracing::info!(listen = %cfg.listen, lease_ms = cfg.lease_ms, "tandem-witness ready; granting nothing for one lease period");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            r = listener.accept() => match r {
+                Ok((s, from)) => {
+                    let (secret, shared) = (secret.clone(), shared.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(s, &secret, shared).await {
+                            tracing::warn!(%from, error = %e, "witness client dropped");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    tracing::info!("stopping");
+    Ok(())
+}
+
+async fn serve(s: TcpStream, secret: &[u8], shared: Arc<Mutex<Shared>>) -> anyhow::Result<()> {
+    let (mut s, a) = net::accept(s, secret).await?;
+    if a.channel != net::WITNESS_CHANNEL {
+        return Err(anyhow!(
+            "node {:?} attached channel {} here; this is a witness",
+            a.node,
+            a.channel
+        ));
+    }
+    let node = a.node;
+    loop {
+        let (msg, _) = match net::read_frame(&mut s).await {
+            Ok(m) => m,
+            Err(net::NetError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Msg::WitnessRequest(req) = msg else {
+            return Err(anyhow!("node {node:?} sent a non-witness message"));
+        };
+        let reply = {
+            let mut g = shared.lock().map_err(|_| anyhow!("state lock poisoned"))?;
+            let now = g.now();
+            let out = g.core.handle(now, &node, &req);
+            if out.persist {
+                let bytes = g.core.encode_state();
+                // The reply depends on this state: no reply unless it is on disk.
+                persist(&g.state_file, &bytes)
+                    .with_context(|| format!("persist {}", g.state_file.display()))?;
+            }
+            if out.reply.granted && req.op != witness::Op::Renew && req.op != witness::Op::Query {
+                tracing::info!(resource = %req.resource, %node, op = ?req.op, term = out.reply.term, primary = %out.reply.primary, "granted");
+            } else if !out.reply.granted {
+                tracing::info!(resource = %req.resource, %node, op = ?req.op, reason = %out.reply.reason, "refused");
+            }
+            out.reply
+        };
+        net::write_frame(&mut s, &Msg::WitnessReply(reply), &[]).await?;
+    }
+}

@@ -1,0 +1,362 @@
+//! The witness's rules as readable tables, its lease arithmetic, and its state file.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tandem::core::witness::{
+    decode_state, encode_state, lease_deadline, Op, Request, ResourceState, StateError, Witness,
+};
+use tandem::core::Instant;
+
+const LEASE: u64 = 2000;
+
+fn req(op: Op, term: u64, peer: &str, uptodate: bool) -> Request {
+    Request {
+        op,
+        resource: "pg".into(),
+        term,
+        peer: peer.into(),
+        uptodate,
+    }
+}
+
+fn state(term: u64, primary: Option<&str>, utd: &[&str]) -> BTreeMap<String, ResourceState> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "pg".to_string(),
+        ResourceState {
+            term,
+            primary: primary.map(String::from),
+            up_to_date: utd.iter().map(|s| s.to_string()).collect(),
+        },
+    );
+    m
+}
+
+/// A witness past its start-up grace period, with `pg` in the given state and, if
+/// `leased`, the primary's lease running.
+fn witness(term: u64, primary: Option<&str>, utd: &[&str], leased: bool) -> (Witness, Instant) {
+    let mut w = Witness::new(LEASE, Instant(0), state(term, primary, utd));
+    let now = Instant(LEASE + 1);
+    if leased {
+        let p = primary.expect("a lease needs a primary");
+        let o = w.handle(now, p, &req(Op::Renew, term, "", true));
+        assert!(o.reply.granted, "setup renew: {:?}", o.reply);
+    }
+    (w, now)
+}
+
+#[test]
+fn rule_table() {
+    // (what, term, primary, up-to-date set, lease running, asking node, request,
+    //  granted, term after, persisted)
+    #[allow(clippy::type_complexity)]
+    let rows: &[(
+        &str,
+        u64,
+        Option<&str>,
+        &[&str],
+        bool,
+        &str,
+        Request,
+        bool,
+        u64,
+        bool,
+    )] = &[
+        (
+            "first promotion of a fresh resource",
+            0,
+            None,
+            &[],
+            false,
+            "alpha",
+            req(Op::Promote, 0, "", true),
+            true,
+            1,
+            true,
+        ),
+        (
+            "first promotion needs an up-to-date disk",
+            0,
+            None,
+            &[],
+            false,
+            "alpha",
+            req(Op::Promote, 0, "", false),
+            false,
+            0,
+            false,
+        ),
+        (
+            "promotion refused while the primary's lease runs",
+            1,
+            Some("alpha"),
+            &["alpha", "beta"],
+            true,
+            "beta",
+            req(Op::Promote, 1, "", true),
+            false,
+            1,
+            false,
+        ),
+        (
+            "promotion after the lease expired",
+            1,
+            Some("alpha"),
+            &["alpha", "beta"],
+            false,
+            "beta",
+            req(Op::Promote, 1, "", true),
+            true,
+            2,
+            true,
+        ),
+        (
+            "an outdated node is never promoted",
+            1,
+            Some("alpha"),
+            &["alpha"],
+            false,
+            "beta",
+            req(Op::Promote, 1, "", true),
+            false,
+            1,
+            false,
+        ),
+        (
+            "a term the witness never granted is refused",
+            1,
+            Some("alpha"),
+            &["alpha"],
+            false,
+            "beta",
+            req(Op::Promote, 7, "", true),
+            false,
+            1,
+            false,
+        ),
+        (
+            "the primary renews its lease",
+            3,
+            Some("alpha"),
+            &["alpha"],
+            false,
+            "alpha",
+            req(Op::Renew, 3, "", true),
+            true,
+            3,
+            false,
+        ),
+        (
+            "a replayed old term is refused",
+            3,
+            Some("alpha"),
+            &["alpha"],
+            false,
+            "alpha",
+            req(Op::Renew, 2, "", true),
+            false,
+            3,
+            false,
+        ),
+        (
+            "a non-primary cannot renew",
+            3,
+            Some("alpha"),
+            &["alpha", "beta"],
+            false,
+            "beta",
+            req(Op::Renew, 3, "", true),
+            false,
+            3,
+            false,
+        ),
+        (
+            "the primary outdates its peer",
+            3,
+            Some("alpha"),
+            &["alpha", "beta"],
+            true,
+            "alpha",
+            req(Op::Outdate, 3, "beta", true),
+            true,
+            3,
+            true,
+        ),
+        (
+            "outdating an already outdated peer changes nothing",
+            3,
+            Some("alpha"),
+            &["alpha"],
+            true,
+            "alpha",
+            req(Op::Outdate, 3, "beta", true),
+            true,
+            3,
+            false,
+        ),
+        (
+            "only the primary may outdate",
+            3,
+            Some("alpha"),
+            &["alpha", "beta"],
+            false,
+            "beta",
+            req(Op::Outdate, 3, "alpha", true),
+            false,
+            3,
+            false,
+        ),
+        (
+            "the primary marks its resynced peer up to date",
+            3,
+            Some("alpha"),
+            &["alpha"],
+            true,
+            "alpha",
+            req(Op::UpToDate, 3, "beta", true),
+            true,
+            3,
+            true,
+        ),
+        (
+            "release clears the primary",
+            3,
+            Some("alpha"),
+            &["alpha", "beta"],
+            true,
+            "alpha",
+            req(Op::Release, 3, "", true),
+            true,
+            3,
+            true,
+        ),
+        (
+            "query always answers",
+            3,
+            Some("alpha"),
+            &["alpha"],
+            true,
+            "beta",
+            req(Op::Query, 0, "", false),
+            true,
+            3,
+            false,
+        ),
+    ];
+    for (what, term, primary, utd, leased, node, r, granted, term_after, persisted) in rows {
+        let (mut w, now) = witness(*term, *primary, utd, *leased);
+        let o = w.handle(now, node, r);
+        assert_eq!(o.reply.granted, *granted, "{what}: {:?}", o.reply);
+        assert_eq!(o.reply.term, *term_after, "{what}: term");
+        assert_eq!(o.persist, *persisted, "{what}: persist");
+        if !*granted {
+            assert!(!o.reply.reason.is_empty(), "{what}: a refusal says why");
+        }
+    }
+}
+
+#[test]
+fn promotion_after_release_needs_no_lease_wait() {
+    let (mut w, now) = witness(1, Some("alpha"), &["alpha", "beta"], true);
+    assert!(
+        w.handle(now, "alpha", &req(Op::Release, 1, "", true))
+            .reply
+            .granted
+    );
+    let o = w.handle(now, "beta", &req(Op::Promote, 1, "", true));
+    assert!(o.reply.granted);
+    assert_eq!((o.reply.term, o.reply.primary.as_str()), (2, "beta"));
+}
+
+#[test]
+fn lease_expires_lease_ms_after_the_witness_received_the_renewal() {
+    let (mut w, now) = witness(1, Some("alpha"), &["alpha", "beta"], true);
+    let just_before = now.plus_ms(LEASE - 1);
+    assert!(
+        !w.handle(just_before, "beta", &req(Op::Promote, 1, "", true))
+            .reply
+            .granted
+    );
+    let at = now.plus_ms(LEASE);
+    assert!(
+        w.handle(at, "beta", &req(Op::Promote, 1, "", true))
+            .reply
+            .granted
+    );
+    // The old primary's term is over: it can neither renew nor fence.
+    let o = w.handle(at, "alpha", &req(Op::Renew, 1, "", true));
+    assert!(!o.reply.granted && o.reply.term == 2, "{:?}", o.reply);
+    assert!(
+        !w.handle(at, "alpha", &req(Op::Outdate, 1, "beta", true))
+            .reply
+            .granted
+    );
+}
+
+#[test]
+fn a_restarted_witness_grants_nothing_for_one_lease() {
+    let st = state(4, Some("alpha"), &["alpha", "beta"]);
+    let start = Instant(50_000);
+    let mut w = Witness::new(LEASE, start, st);
+    // rows: (ms after start, op, node, granted)
+    let rows = [
+        (0, Op::Renew, "alpha", false),
+        (LEASE - 1, Op::Promote, "beta", false),
+        (LEASE - 1, Op::Renew, "alpha", false),
+        (LEASE, Op::Renew, "alpha", true),
+    ];
+    for (dt, op, node, granted) in rows {
+        let o = w.handle(start.plus_ms(dt), node, &req(op, 4, "", true));
+        assert_eq!(
+            o.reply.granted, granted,
+            "{op:?} by {node} at +{dt} ms: {:?}",
+            o.reply
+        );
+    }
+}
+
+#[test]
+fn node_side_lease_deadline_table() {
+    // (sent at, lease ms, max drift per mille, deadline)
+    let rows = [
+        (0, 2000, 0, 2000),
+        (1000, 2000, 0, 3000),
+        (1000, 2000, 50, 2900),
+        (0, 3000, 100, 2700),
+        (0, 2000, 5000, 0),
+    ];
+    for (sent, lease, drift, want) in rows {
+        assert_eq!(
+            lease_deadline(Instant(sent), lease, drift),
+            Instant(want),
+            "sent {sent} lease {lease} drift {drift}"
+        );
+    }
+}
+
+#[test]
+fn state_file_round_trips_and_refuses_corruption() {
+    let mut st = state(9, Some("alpha"), &["alpha", "beta"]);
+    st.insert(
+        "mysql".into(),
+        ResourceState {
+            term: 2,
+            primary: None,
+            up_to_date: BTreeSet::new(),
+        },
+    );
+    let b = encode_state(&st);
+    assert_eq!(decode_state(&b), Ok(st));
+    let mut flipped = b.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    assert_eq!(decode_state(&flipped), Err(StateError::Crc));
+    assert_eq!(decode_state(&b[..b.len() - 3]), Err(StateError::Malformed));
+    assert_eq!(
+        decode_state(b"garbage garbage garbage"),
+        Err(StateError::Magic)
+    );
+    let mut v2 = b.clone();
+    v2[8] = 2;
+    assert_eq!(decode_state(&v2), Err(StateError::Version(2)));
+}
