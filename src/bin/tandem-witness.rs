@@ -90,7 +90,20 @@ fn persist(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// One connection per data node and resource: allow as many as the hard limit permits.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    raise_fd_limit();
     let cfg = WitnessConfig::load(&cli.config)?;
     let secret = Arc::new(net::read_secret(&cfg.secret_file).map_err(|e| anyhow!(e))?);
     std::fs::create_dir_all(&cfg.state_dir)

@@ -90,6 +90,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// A daemon that serves a block device must not wait on memory reclaim that waits on that
+/// device: mark it an I/O flusher (its allocations avoid recursing into I/O) and lock its
+/// pages in memory. Both are best effort, and logged when refused.
+fn avoid_reclaim_deadlocks() {
+    const PR_SET_IO_FLUSHER: nix::libc::c_int = 57;
+    // SAFETY: prctl with integer arguments only; no pointers are passed.
+    let r = unsafe { nix::libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if r != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "PR_SET_IO_FLUSHER refused");
+    }
+    use nix::sys::mman::{mlockall, MlockAllFlags};
+    if let Err(e) = mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
+        tracing::warn!(error = %e, "mlockall refused; the daemon's memory may be paged out");
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(&cli.config)?;
     let node = cli.node.clone().unwrap_or_else(hostname);
@@ -178,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         daemon.resources.insert(r.name.clone(), h);
     }
     let daemon = Arc::new(daemon);
+    avoid_reclaim_deadlocks();
 
     for l in listeners {
         tokio::spawn(accept_loop(l, secret.clone(), daemon.clone()));
