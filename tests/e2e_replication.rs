@@ -485,3 +485,22 @@ fn events_report_state_changes_as_they_happen() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn pread_pwrite_fallback_replicates_too() {
+    let mut c = Cluster::new("nouring", Opts::default());
+    c.up_with(0, true, &["--no-uring"]);
+    assert_eq!(c.status(0)["io_backend"], "pread/pwrite");
+    let log = std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default();
+    assert!(log.contains("pread/pwrite"), "the fallback is not logged");
+    {
+        let mut w = DirectWriter::open(&c.nodes[0].device).expect("device");
+        for b in (0..4096u64).step_by(7) {
+            w.write_block(b, 3).expect("write");
+        }
+        w.sync().expect("sync");
+    }
+    c.wait_in_sync(30);
+    c.ctl(0, &["demote", "r0"]);
+    c.assert_disks_identical();
+}
