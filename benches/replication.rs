@@ -87,10 +87,7 @@ fn main() {
         println!("replication benchmark: run it with `cargo bench --bench replication`");
         return;
     }
-    let secs: u64 = std::env::var("TANDEM_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
+    let secs: u64 = common::env_or("TANDEM_BENCH_SECS", 8);
     let mut results = Vec::new();
     // Extra tandemd flags (e.g. `--no-uring`) and a filter on the configurations to run.
     let daemon_args_s = std::env::var("TANDEM_BENCH_DAEMON_ARGS").unwrap_or_default();

@@ -38,14 +38,8 @@ fn main() {
         println!("witness benchmark: run it with `cargo bench --bench witness`");
         return;
     }
-    let secs: u64 = std::env::var("TANDEM_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    let n: usize = std::env::var("TANDEM_BENCH_RESOURCES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
+    let secs: u64 = common::env_or("TANDEM_BENCH_SECS", 10);
+    let n: usize = common::env_or("TANDEM_BENCH_RESOURCES", 1000);
     let lease_ms = 3000;
     let mut c = Cluster::new("bench-witness", Opts::default());
     c.add_witness(lease_ms);

@@ -25,6 +25,15 @@ pub enum ConfigError {
     },
 }
 
+/// A config file's text and its name for error messages.
+fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((text, file)),
+        Err(err) => Err(ConfigError::Read { file, err }),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawConfig {
@@ -106,11 +115,7 @@ impl ResourceConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
-            file: file.clone(),
-            err,
-        })?;
+        let (text, file) = read_file(path)?;
         Config::parse(&text, &file)
     }
 
@@ -300,11 +305,7 @@ struct RawWitness {
 
 impl WitnessConfig {
     pub fn load(path: &Path) -> Result<WitnessConfig, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
-            file: file.clone(),
-            err,
-        })?;
+        let (text, file) = read_file(path)?;
         WitnessConfig::parse(&text, &file)
     }
 

@@ -19,7 +19,7 @@ use tandem::config::WitnessConfig;
 use tandem::core::wire::Msg;
 use tandem::core::witness::{self, Witness};
 use tandem::core::Instant;
-use tandem::shell::net;
+use tandem::shell::{net, process};
 
 #[derive(Parser)]
 #[command(name = "tandem-witness", about = "Tandem quorum witness")]
@@ -41,40 +41,25 @@ impl Shared {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match process::parse_args::<Cli>() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    process::init_logging();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("tandem-witness: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            return process::finish(
+                "tandem-witness",
+                Err(anyhow!("cannot start the runtime: {e}")),
+                true,
+            )
         }
     };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("tandem-witness: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    process::finish("tandem-witness", rt.block_on(run(cli)), true)
 }
 
 /// Write the state so that after a crash either the old or the new file is there, whole.

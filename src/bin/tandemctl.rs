@@ -11,6 +11,7 @@ use tandem::config::Config;
 use tandem::core::meta;
 use tandem::shell::control::{Client, Request};
 use tandem::shell::md;
+use tandem::shell::process;
 
 #[derive(Parser)]
 #[command(name = "tandemctl", about = "Manage Tandem replicated devices")]
@@ -296,19 +297,9 @@ fn print_status(s: &serde_json::Value) {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match process::parse_args::<Cli>() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tandemctl: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    process::finish("tandemctl", run(cli), false)
 }

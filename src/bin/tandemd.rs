@@ -20,7 +20,7 @@ use tandem::config::Config;
 use tandem::core::resource::{AdminCmd, Params, Resource};
 use tandem::shell::control::{Reply, Request};
 use tandem::shell::driver::{self, Event, Handle, PeerSetup, Setup};
-use tandem::shell::{md, net};
+use tandem::shell::{md, net, process};
 
 #[derive(Parser)]
 #[command(name = "tandemd", about = "Tandem replication daemon")]
@@ -53,22 +53,11 @@ struct Daemon {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match process::parse_args::<Cli>() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    process::init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -76,18 +65,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("tandemd: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            return process::finish(
+                "tandemd",
+                Err(anyhow!("cannot start the runtime: {e}")),
+                true,
+            )
         }
     };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("tandemd: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    process::finish("tandemd", rt.block_on(run(cli)), true)
 }
 
 /// A daemon that serves a block device must not wait on memory reclaim that waits on that

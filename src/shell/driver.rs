@@ -907,6 +907,8 @@ impl Driver {
                     self.close_peer();
                     self.core
                         .handle_peer_disconnected(now, "peer opened a new connection");
+                    // Carry out the old connection's actions before the new one is
+                    // parked: none of them may touch the new stream.
                     self.drain();
                 }
                 self.pending_data = Some(stream);

@@ -7,4 +7,5 @@ pub mod driver;
 pub mod frontend;
 pub mod md;
 pub mod net;
+pub mod process;
 pub mod sendq;

@@ -23,6 +23,14 @@ pub const SECRET: &str = "e2e-test-secret-0123456789abcdef";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// A number from the environment, or `default` (benchmark knobs).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Run a command to completion; panics with its output when it fails.
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd
@@ -281,15 +289,12 @@ impl Cluster {
         self.start_with(i, &[]);
     }
 
-    pub fn start_with(&mut self, i: usize, extra: &[&str]) {
+    /// `tandemd` for node `i`, inside its network namespace (the mount namespace stays
+    /// shared, so FUSE and loop devices are visible to the test).
+    fn daemon_cmd(&self, i: usize) -> Command {
         let n = &self.nodes[i];
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.log)
-            .expect("log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", n.ns))
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", n.ns))
             .arg("--")
             .arg(TANDEMD)
             .arg("--config")
@@ -297,7 +302,19 @@ impl Cluster {
             .arg("--node")
             .arg(&n.name)
             .arg("--run-dir")
-            .arg(&n.run_dir)
+            .arg(&n.run_dir);
+        c
+    }
+
+    pub fn start_with(&mut self, i: usize, extra: &[&str]) {
+        let n = &self.nodes[i];
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .expect("log");
+        let child = self
+            .daemon_cmd(i)
             .args(extra)
             .env("TANDEM_LOG", "info,tandem=debug")
             .stdout(log.try_clone().expect("log"))
@@ -325,19 +342,7 @@ impl Cluster {
 
     /// Start a daemon that must refuse to start; returns what it printed.
     pub fn start_fails(&self, i: usize) -> String {
-        let n = &self.nodes[i];
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", n.ns))
-            .arg("--")
-            .arg(TANDEMD)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--node")
-            .arg(&n.name)
-            .arg("--run-dir")
-            .arg(&n.run_dir)
-            .output()
-            .expect("run tandemd");
+        let out = self.daemon_cmd(i).output().expect("run tandemd");
         assert_eq!(out.status.code(), Some(1), "tandemd should refuse to start");
         String::from_utf8_lossy(&out.stderr).to_string()
     }
