@@ -74,6 +74,7 @@ fn main() {
                         term: 0,
                         peer: String::new(),
                         uptodate: true,
+                        seq: 0,
                     })
                     .await
                     .expect("promote");
@@ -98,6 +99,7 @@ fn main() {
                                 term,
                                 peer: String::new(),
                                 uptodate: true,
+                                seq: 0,
                             })
                             .await;
                         match r {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::core::quorum::{self, Fencing, OnNoQuorum};
 use crate::core::Protocol;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,9 @@ struct RawResource {
     al_extents: Option<u32>,
     ping_interval_ms: Option<u64>,
     ping_timeout_ms: Option<u64>,
+    lease_ms: Option<u64>,
+    promote_margin_ms: Option<u64>,
+    auto_promote: Option<bool>,
     resync_window_bytes: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
@@ -89,6 +93,13 @@ pub struct ResourceConfig {
     pub al_extents: u32,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
+    pub witness: Option<SocketAddr>,
+    pub on_no_quorum: OnNoQuorum,
+    pub fencing: Fencing,
+    /// The witness's `lease-ms` (the two must agree; the witness's grant wins).
+    pub lease_ms: u64,
+    pub promote_margin_ms: u64,
+    pub auto_promote: bool,
     pub resync_window_bytes: u64,
     pub nodes: [NodeConfig; 2],
 }
@@ -155,26 +166,43 @@ impl Config {
                     )
                 })?,
             };
-            if let Some(v) = r.on_no_quorum.as_deref() {
-                if !matches!(v, "suspend-io" | "io-error") {
-                    return Err(key_err(
+            let on_no_quorum = match r.on_no_quorum.as_deref() {
+                None => OnNoQuorum::SuspendIo,
+                Some(v) => OnNoQuorum::parse(v).ok_or_else(|| {
+                    key_err(
                         k("on-no-quorum"),
                         format!("{v:?}: use \"suspend-io\" or \"io-error\""),
-                    ));
-                }
-            }
-            if let Some(v) = r.fencing.as_deref() {
-                if !matches!(v, "none" | "resource" | "stonith") {
-                    return Err(key_err(
+                    )
+                })?,
+            };
+            let witness = match r.witness.as_deref() {
+                None => None,
+                Some(w) => Some(w.parse::<SocketAddr>().map_err(|_| {
+                    key_err(k("witness"), format!("{w:?} is not an IP:port address"))
+                })?),
+            };
+            let fencing = match r.fencing.as_deref() {
+                None if witness.is_some() => Fencing::Resource,
+                None => Fencing::None,
+                Some(v) => Fencing::parse(v).ok_or_else(|| {
+                    key_err(
                         k("fencing"),
                         format!("{v:?}: use \"none\", \"resource\" or \"stonith\""),
-                    ));
-                }
+                    )
+                })?,
+            };
+            if fencing != Fencing::None && witness.is_none() {
+                return Err(key_err(
+                    k("fencing"),
+                    "resource-level fencing needs a `witness` to record the outdated peer".into(),
+                ));
             }
-            if let Some(w) = r.witness.as_deref() {
-                w.parse::<SocketAddr>().map_err(|_| {
-                    key_err(k("witness"), format!("{w:?} is not an IP:port address"))
-                })?;
+            if fencing == Fencing::Stonith {
+                return Err(key_err(
+                    k("fencing"),
+                    "\"stonith\" (a fence-peer handler) is not implemented yet; use \"resource\""
+                        .into(),
+                ));
             }
             let al_extents = r.al_extents.unwrap_or(256);
             if al_extents == 0 || al_extents as usize > crate::core::al::MAX_EXTENTS {
@@ -183,14 +211,17 @@ impl Config {
                     format!("must be 1..={}", crate::core::al::MAX_EXTENTS),
                 ));
             }
-            let ping_interval_ms = r.ping_interval_ms.unwrap_or(1000);
-            let ping_timeout_ms = r.ping_timeout_ms.unwrap_or(5000);
-            if ping_interval_ms == 0 || ping_timeout_ms <= ping_interval_ms {
-                return Err(key_err(
-                    k("ping-timeout-ms"),
-                    "must be greater than ping-interval-ms (> 0)".into(),
-                ));
-            }
+            let ping_interval_ms = r.ping_interval_ms.unwrap_or(500);
+            let ping_timeout_ms = r.ping_timeout_ms.unwrap_or(2000);
+            let lease_ms = r.lease_ms.unwrap_or(2000);
+            let promote_margin_ms = r.promote_margin_ms.unwrap_or(500);
+            quorum::check_timeouts(
+                ping_interval_ms,
+                ping_timeout_ms,
+                promote_margin_ms,
+                lease_ms,
+            )
+            .map_err(|msg| key_err(k("ping-timeout-ms"), msg))?;
             if r.node.len() != 2 {
                 return Err(key_err(
                     k("node"),
@@ -244,6 +275,12 @@ impl Config {
                 al_extents,
                 ping_interval_ms,
                 ping_timeout_ms,
+                witness,
+                on_no_quorum,
+                fencing,
+                lease_ms,
+                promote_margin_ms,
+                auto_promote: r.auto_promote.unwrap_or(true),
                 resync_window_bytes: r.resync_window_bytes.unwrap_or(4 << 20),
                 nodes: [a, b],
             });

@@ -11,6 +11,7 @@ run-dir = "/run/tandem"
 protocol = "C"
 on-no-quorum = "suspend-io"
 fencing = "resource"
+witness = "10.0.0.3:7790"
 
 [[resource.pg.node]]
 name = "alpha"
@@ -68,6 +69,18 @@ fn mistakes_name_key_and_file() {
         (
             GOOD.replace("name = \"beta\"", "name = \"alpha\""),
             "both nodes are named",
+        ),
+        (
+            GOOD.replace("witness = \"10.0.0.3:7790\"\n", ""),
+            "resource-level fencing needs a `witness`",
+        ),
+        (
+            GOOD.replace("fencing = \"resource\"", "fencing = \"stonith\""),
+            "not implemented yet",
+        ),
+        (
+            GOOD.replace("on-no-quorum", "promote-margin-ms = 1\non-no-quorum"),
+            "promote-margin-ms 1 is too small",
         ),
         ("[global]\n".to_string(), "no resource defined"),
         ("this is not toml".to_string(), "t.toml"),

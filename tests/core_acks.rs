@@ -1,6 +1,7 @@
 //! Acknowledgement accounting per protocol, driving one core by hand as a shell would.
 
 use tandem::core::meta::{self, Layout, Metadata, Superblock};
+use tandem::core::quorum::{Fencing, OnNoQuorum};
 use tandem::core::resource::{Action, AdminCmd, BufId, IoId, Params, ReqId, Resource};
 use tandem::core::wire::{Hello, Msg, HELLO_PRIMARY, PROTOCOL_VERSION};
 use tandem::core::{Instant, Protocol};
@@ -32,6 +33,13 @@ impl One {
             resync_window_bytes: 1 << 20,
             resync_chunk_bytes: 128 << 10,
             seed: 1,
+            witness: false,
+            lease_ms: 2000,
+            promote_margin_ms: 500,
+            on_no_quorum: OnNoQuorum::SuspendIo,
+            fencing: Fencing::None,
+            auto_promote: false,
+            witness_seq_base: 0,
         };
         let mut o = One {
             r: Resource::new(p, md, Instant(0)),
@@ -71,7 +79,7 @@ impl One {
         self.r.handle_peer_connected(Instant(1));
         let gen = self.r.generation();
         self.r
-            .handle_peer_message(Instant(1), peer_hello(self.r.data_bytes(), gen, 0), None);
+            .handle_peer_message(Instant(1), 0, peer_hello(self.r.data_bytes(), gen, 0), None);
         assert_eq!(self.r.status().replication, "established");
         self.drain();
     }
@@ -87,6 +95,7 @@ fn peer_hello(data_bytes: u64, gen: tandem::core::uuid::Generation, flags: u32) 
         block_bytes: 4096,
         gen,
         flags,
+        gen_term: 0,
     })
 }
 
@@ -114,6 +123,7 @@ fn write(o: &mut One, req: u64) -> (IoId, u64) {
             Action::Send {
                 msg: Msg::Data { seq, .. },
                 buf: Some(b),
+                ..
             } if *b == BufId(req) => Some(*seq),
             _ => None,
         })
@@ -148,7 +158,7 @@ fn protocol_b_waits_for_receipt() {
         !completed(&o.drain(), 10),
         "B must wait for the peer's receipt"
     );
-    o.r.handle_peer_message(Instant(4), Msg::RecvAck { seq }, None);
+    o.r.handle_peer_message(Instant(4), 0, Msg::RecvAck { seq }, None);
     assert!(completed(&o.drain(), 10));
 }
 
@@ -156,8 +166,8 @@ fn protocol_b_waits_for_receipt() {
 fn protocol_c_waits_for_peer_disk_and_local_disk() {
     let mut o = primary(Protocol::C);
     let (io, seq) = write(&mut o, 10);
-    o.r.handle_peer_message(Instant(3), Msg::RecvAck { seq }, None);
-    o.r.handle_peer_message(Instant(3), Msg::WriteAck { seq }, None);
+    o.r.handle_peer_message(Instant(3), 0, Msg::RecvAck { seq }, None);
+    o.r.handle_peer_message(Instant(3), 0, Msg::WriteAck { seq }, None);
     assert!(
         !completed(&o.drain(), 10),
         "C must wait for the local disk too"
@@ -183,7 +193,7 @@ fn flush_waits_for_barrier_ack_in_c_but_not_in_a() {
         let mut o = primary(protocol);
         let (io, seq) = write(&mut o, 10);
         o.r.handle_disk_done(Instant(3), io, true);
-        o.r.handle_peer_message(Instant(3), Msg::WriteAck { seq }, None);
+        o.r.handle_peer_message(Instant(3), 0, Msg::WriteAck { seq }, None);
         o.drain();
         o.r.handle_app_flush(Instant(4), ReqId(11));
         let acts = o.drain();
@@ -211,7 +221,7 @@ fn flush_waits_for_barrier_ack_in_c_but_not_in_a() {
         };
         assert_eq!(done(&o.drain()), !needs_peer, "{protocol:?}");
         if needs_peer {
-            o.r.handle_peer_message(Instant(6), Msg::BarrierAck { epoch }, None);
+            o.r.handle_peer_message(Instant(6), 0, Msg::BarrierAck { epoch }, None);
             assert!(done(&o.drain()), "C flush completes on the barrier ack");
         }
     }
@@ -230,6 +240,7 @@ fn secondary_refuses_writes_and_promote_refused_while_peer_primary() {
     let gen = o.r.generation();
     o.r.handle_peer_message(
         Instant(1),
+        0,
         peer_hello(o.r.data_bytes(), gen, HELLO_PRIMARY),
         None,
     );
@@ -247,6 +258,7 @@ fn size_mismatch_is_refused_with_a_clear_error() {
     let gen = o.r.generation();
     o.r.handle_peer_message(
         Instant(1),
+        0,
         peer_hello(o.r.data_bytes() + 4096, gen, 0),
         None,
     );

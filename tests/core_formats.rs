@@ -4,7 +4,7 @@ use tandem::core::al::{ActivityLog, AlTxn, TXN_BYTES};
 use tandem::core::bitmap::Bitmap;
 use tandem::core::meta::{Layout, MetaError, Metadata, Superblock, FLAG_CONSISTENT};
 use tandem::core::uuid::Generation;
-use tandem::core::wire::{decode_frame, Hello, Msg, WireError, HEADER_BYTES};
+use tandem::core::wire::{decode_frame, frame_term, Hello, Msg, WireError, HEADER_BYTES};
 
 #[test]
 fn bitmap_set_clear_runs_and_pages() {
@@ -79,6 +79,7 @@ fn sample_sb() -> Superblock {
         bitmap: 0x99,
         history: [1, 2, 3, 0x10],
     };
+    sb.term = 0x0102_0304_0506;
     sb
 }
 
@@ -161,6 +162,7 @@ fn all_messages() -> Vec<Msg> {
                 history: [7, 8, 9, 10],
             },
             flags: 3,
+            gen_term: 12,
         }),
         Msg::BitmapRuns {
             runs: vec![(0, 5), (100, 1)],
@@ -191,6 +193,7 @@ fn all_messages() -> Vec<Msg> {
             term: 9,
             peer: "beta".into(),
             uptodate: true,
+            seq: 0,
         }),
         Msg::WitnessReply(tandem::core::witness::Reply {
             granted: false,
@@ -205,10 +208,12 @@ fn all_messages() -> Vec<Msg> {
 
 #[test]
 fn frames_round_trip() {
-    for m in all_messages() {
-        let b = m.encode(&[]);
+    for (k, m) in all_messages().into_iter().enumerate() {
+        let term = 7 + k as u64;
+        let b = m.encode(term, &[]);
         let (got, data, used) = decode_frame(&b).expect("valid").expect("complete");
         assert_eq!(got, m);
+        assert_eq!(frame_term(&b), Some(term), "the header carries the term");
         assert!(data.is_empty());
         assert_eq!(used, b.len());
     }
@@ -219,7 +224,7 @@ fn frames_round_trip() {
         offset: 8192,
         len: 4096,
     };
-    let mut b = m.encode(&payload);
+    let mut b = m.encode(3, &payload);
     b.extend_from_slice(&payload);
     let (got, data, _) = decode_frame(&b).expect("valid").expect("complete");
     assert_eq!(got, m);
@@ -231,7 +236,7 @@ fn frames_round_trip() {
 #[test]
 fn frames_reject_bad_input() {
     let m = Msg::Ping { id: 1 };
-    let good = m.encode(&[]);
+    let good = m.encode(5, &[]);
     let mut bad_magic = good.clone();
     bad_magic[0] ^= 0xFF;
     assert!(matches!(decode_frame(&bad_magic), Err(WireError::Magic(_))));
@@ -246,10 +251,14 @@ fn frames_reject_bad_input() {
     let mut unknown = good.clone();
     unknown[4] = 200;
     let mut h = crc32fast::Hasher::new();
-    h.update(&unknown[0..16]);
+    h.update(&unknown[0..24]);
     h.update(&unknown[HEADER_BYTES..]);
-    unknown[16..20].copy_from_slice(&h.finalize().to_le_bytes());
+    unknown[24..28].copy_from_slice(&h.finalize().to_le_bytes());
     assert_eq!(decode_frame(&unknown), Err(WireError::Kind(200)));
+    // The term is covered by the CRC: a forged term is a corrupt frame.
+    let mut forged = good.clone();
+    forged[16] ^= 1;
+    assert_eq!(decode_frame(&forged), Err(WireError::Crc));
     // Random bytes never panic.
     let mut rng = tandem::core::SplitMix64(1);
     for _ in 0..2000 {

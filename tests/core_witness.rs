@@ -16,6 +16,7 @@ fn req(op: Op, term: u64, peer: &str, uptodate: bool) -> Request {
         term,
         peer: peer.into(),
         uptodate,
+        seq: 0,
     }
 }
 
@@ -109,6 +110,30 @@ fn rule_table() {
             true,
             2,
             true,
+        ),
+        (
+            "the primary of record asking again keeps its term",
+            4,
+            Some("alpha"),
+            &["alpha", "beta"],
+            true,
+            "alpha",
+            req(Op::Promote, 3, "", true),
+            true,
+            4,
+            false,
+        ),
+        (
+            "the primary of record after its lease expired keeps its term too",
+            4,
+            Some("alpha"),
+            &["alpha"],
+            false,
+            "alpha",
+            req(Op::Promote, 4, "", true),
+            true,
+            4,
+            false,
         ),
         (
             "an outdated node is never promoted",

@@ -43,6 +43,7 @@ fn ask_with(
                 term,
                 peer,
                 uptodate: true,
+                seq: 0,
             })
             .await
             .map_err(|e| e.to_string())

@@ -46,9 +46,9 @@ async fn listener_authenticates_and_survives_bad_clients() {
                     Ok((mut s, a)) => {
                         let _ = tx.send(Ok(a));
                         // Echo one data frame back.
-                        if let Ok((msg, data)) = read_frame(&mut s).await {
-                            let d = data.map(|d| d.as_slice().to_vec()).unwrap_or_default();
-                            let _ = write_frame(&mut s, &msg, &d).await;
+                        if let Ok(f) = read_frame(&mut s).await {
+                            let d = f.data.map(|d| d.as_slice().to_vec()).unwrap_or_default();
+                            let _ = write_frame(&mut s, &f.msg, &d).await;
                         }
                     }
                     Err(e) => {
@@ -72,7 +72,7 @@ async fn listener_authenticates_and_survives_bad_clients() {
 
     // 3. A frame with a corrupted CRC after a valid header.
     let mut bad = TcpStream::connect(addr).await.expect("connect");
-    let mut f = Msg::AuthChallenge { nonce: [9; 32] }.encode(&[]);
+    let mut f = Msg::AuthChallenge { nonce: [9; 32] }.encode(0, &[]);
     let last = f.len() - 1;
     f[last] ^= 1;
     bad.write_all(&f).await.expect("send");
@@ -92,8 +92,8 @@ async fn listener_authenticates_and_survives_bad_clients() {
         len: 4096,
     };
     write_frame(&mut s, &m, &payload).await.expect("send data");
-    let (back, data) = read_frame(&mut s).await.expect("echo");
-    assert_eq!(back, m);
-    assert_eq!(data.expect("payload").as_slice(), &payload[..]);
+    let back = read_frame(&mut s).await.expect("echo");
+    assert_eq!(back.msg, m);
+    assert_eq!(back.data.expect("payload").as_slice(), &payload[..]);
     server.abort();
 }

@@ -1,20 +1,40 @@
-//! Deterministic simulator: two cores, a simulated network and simulated disks, driven
-//! from a seed.
+//! Deterministic simulator: two cores, a simulated network and simulated disks, and
+//! optionally the witness, driven from a seed.
 //!
 //! Faults: disconnects, crashes (a crash loses the writes the disk had not flushed, a
-//! random subset of them), restarts, failover to the secondary, message delay. After the
-//! fault phase everything heals and the pair must converge: both disks identical, and in
-//! protocols B and C no write covered by a completed flush lost.
+//! random subset of them), restarts, failover to the secondary, message delay. With the
+//! witness also: one-way and full partitions among the three, witness crashes and
+//! restarts, process pauses longer than the lease, clock rates that differ within the
+//! documented bound, lost and late witness replies.
 //!
-//! `TANDEM_SEED=<n>` replays one seed with logging; `TANDEM_SIM_SEEDS=<n>` sets how many
-//! seeds each protocol runs.
+//! Checked after every step (witness runs): invariant 1 (once term t+1 is granted, no node
+//! completes a write in a term <= t), invariant 4 (a node promoted by the witness holds
+//! every write a completed flush covered, protocols B and C, and is up to date). After the
+//! fault phase everything heals and the pair must converge: both disks identical, and in
+//! protocols B and C no write covered by a completed flush lost (invariants 2 and 3).
+//!
+//! `TANDEM_SEED=<n>` replays one seed with logging (`TANDEM_PROTOCOL=C` narrows it);
+//! `TANDEM_SIM_SEEDS=<n>` and `TANDEM_SIM_WITNESS_SEEDS=<n>` set how many seeds each
+//! protocol runs.
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 
 use tandem::core::meta::{self, Layout, Metadata, Superblock};
-use tandem::core::resource::{Action, AdminCmd, BufId, Conn, IoId, Params, ReqId, Resource, Role};
+use tandem::core::quorum::{Fencing, OnNoQuorum, MAX_CLOCK_RATE_PERMILLE};
+use tandem::core::resource::{
+    Action, AdminCmd, BufId, Conn, DiskState, IoId, Params, ReqId, Resource, Role,
+};
 use tandem::core::wire::{Channel, Msg};
+use tandem::core::witness::{self, Witness};
 use tandem::core::{Instant, Protocol, SplitMix64};
+
+/// Index of the witness in `Sim::cut`.
+const W: usize = 2;
+/// Timeouts of witness runs: short, so that a run sees many failovers.
+const LEASE_MS: u64 = 800;
+const PING_INTERVAL_MS: u64 = 200;
+const PING_TIMEOUT_MS: u64 = 800;
+const PROMOTE_MARGIN_MS: u64 = 200;
 
 const BLOCK: u64 = 4096;
 const DEVICE_BYTES: u64 = 2 * 1024 * 1024;
@@ -84,8 +104,57 @@ enum Ev {
     },
     /// A graceful close reaches the peer after the data sent before it (TCP FIN).
     Close {
+        to: usize,
         conn: u64,
     },
+    /// A request reaches the witness.
+    WitnessArrive {
+        from: usize,
+        id: u64,
+    },
+    /// The witness's reply reaches the node.
+    WitnessAnswer {
+        to: usize,
+        inc: u64,
+        id: u64,
+    },
+    /// The node's shell gives up waiting for the witness.
+    WitnessTimeout {
+        to: usize,
+        inc: u64,
+        id: u64,
+    },
+    /// An application request that arrived while the node was paused.
+    App {
+        node: usize,
+        inc: u64,
+        req: u64,
+        /// `(offset, len)` of a write; `None` for a flush.
+        write: Option<(u64, u64)>,
+    },
+    WitnessRestart,
+}
+
+impl Ev {
+    /// The data node that handles the event, if any (a paused node handles nothing).
+    fn node(&self) -> Option<usize> {
+        match self {
+            Ev::DiskDone { node, .. } | Ev::App { node, .. } => Some(*node),
+            Ev::Deliver { to, .. }
+            | Ev::Close { to, .. }
+            | Ev::WitnessAnswer { to, .. }
+            | Ev::WitnessTimeout { to, .. } => Some(*to),
+            Ev::WitnessArrive { .. } | Ev::WitnessRestart => None,
+        }
+    }
+}
+
+struct WitnessSim {
+    core: Witness,
+    up: bool,
+    drift_permille: i64,
+    requests: HashMap<u64, (String, witness::Request)>,
+    replies: HashMap<u64, witness::Reply>,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord, Clone)]
@@ -113,7 +182,7 @@ struct Sim {
     now: u64,
     seq: u64,
     queue: BinaryHeap<std::cmp::Reverse<(u64, u64, Ev)>>,
-    msgs: HashMap<u64, (Msg, Option<Vec<u8>>)>,
+    msgs: HashMap<u64, (Msg, Option<Vec<u8>>, u64)>,
     nodes: Vec<Node>,
     protocol: Protocol,
     link_up: bool,
@@ -129,6 +198,22 @@ struct Sim {
     /// The node holding the newest data: the only one that may be promoted when no node
     /// is primary (without a witness, nothing else would stop a stale promotion).
     last_primary: usize,
+    witness: Option<WitnessSim>,
+    /// `cut[a][b]`: nothing from a reaches b (0, 1 data nodes, `W` the witness).
+    cut: [[bool; 3]; 3],
+    /// Peer messages waiting behind a cut direction, in order (TCP stalls, it does not
+    /// drop).
+    held: [VecDeque<Ev>; 2],
+    clock: [(u64, i64); 2],
+    paused_until: [u64; 2],
+    /// Witness requests in flight: id -> (node, incarnation).
+    wreq: HashMap<u64, (usize, u64)>,
+    next_wreq: u64,
+    /// The newest term the witness granted, and when.
+    granted: (u64, u64),
+    violation: Option<String>,
+    /// A promotion through the witness is pending on this node.
+    admin_pending: [bool; 2],
 }
 
 fn stamp(write_id: u64, block: u64) -> Vec<u8> {
@@ -148,6 +233,14 @@ fn read_stamp(b: &[u8]) -> u64 {
 
 impl Sim {
     fn new(seed: u64, protocol: Protocol, trace: bool) -> Sim {
+        Sim::build(seed, protocol, trace, false)
+    }
+
+    fn with_witness(seed: u64, protocol: Protocol, trace: bool) -> Sim {
+        Sim::build(seed, protocol, trace, true)
+    }
+
+    fn build(seed: u64, protocol: Protocol, trace: bool, with_witness: bool) -> Sim {
         if trace {
             let _ = tracing_subscriber::fmt()
                 .with_test_writer()
@@ -156,7 +249,9 @@ impl Sim {
         }
         let mut rng = SplitMix64(seed);
         let layout = Layout::compute(DEVICE_BYTES, BLOCK, 8).expect("layout");
-        let clean = rng.below(2) == 0;
+        // With a witness the pair starts clean: a first promotion of inconsistent disks
+        // takes `--force`, which is the operator bypassing the witness.
+        let clean = with_witness || rng.below(2) == 0;
         let names = ["alpha", "beta"];
         let nodes = names
             .iter()
@@ -205,13 +300,70 @@ impl Sim {
             trace,
             layout,
             last_primary: 0,
+            witness: None,
+            cut: [[false; 3]; 3],
+            held: [VecDeque::new(), VecDeque::new()],
+            clock: [(0, 0), (0, 0)],
+            paused_until: [0, 0],
+            wreq: HashMap::new(),
+            next_wreq: 1,
+            granted: (0, 0),
+            violation: None,
+            admin_pending: [false, false],
         };
+        if with_witness {
+            let rate = MAX_CLOCK_RATE_PERMILLE as i64;
+            for i in 0..2 {
+                let off = sim.rng.below(1_000_000);
+                let drift = sim.rng.below(2 * rate as u64 + 1) as i64 - rate;
+                sim.clock[i] = (off, drift);
+            }
+            let drift_permille = sim.rng.below(2 * rate as u64 + 1) as i64 - rate;
+            sim.witness = Some(WitnessSim {
+                core: Witness::new(LEASE_MS, Instant(0), BTreeMap::new()),
+                up: true,
+                drift_permille,
+                requests: HashMap::new(),
+                replies: HashMap::new(),
+            });
+        }
         sim.start(0);
         sim.start(1);
         let force = !clean;
         sim.admin(0, AdminCmd::Promote { force })
             .expect("initial promote");
+        if with_witness {
+            // The witness grants nothing in its first lease: wait for the first primary.
+            while sim.primary().is_none() && sim.now < 10 * LEASE_MS {
+                sim.advance();
+            }
+        }
         sim
+    }
+
+    /// Node `i`'s clock: its own origin and rate.
+    fn local(&self, i: usize) -> Instant {
+        let (off, drift) = self.clock[i];
+        Instant(off + (self.now as i64 * (1000 + drift) / 1000) as u64)
+    }
+
+    fn witness_now(&self) -> Instant {
+        let d = self.witness.as_ref().map_or(0, |w| w.drift_permille);
+        Instant((self.now as i64 * (1000 + d) / 1000) as u64)
+    }
+
+    /// One way to or from the witness: mostly quick, now and then later than the timeout.
+    fn witness_delay(&mut self) -> u64 {
+        let max = if self.rng.below(20) == 0 { 400 } else { 8 };
+        1 + self.rng.below(max)
+    }
+
+    fn paused(&self, i: usize) -> bool {
+        self.paused_until[i] > self.now
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        !self.cut[a][b]
     }
 
     fn log(&self, s: impl FnOnce() -> String) {
@@ -226,11 +378,35 @@ impl Sim {
             local_node: self.nodes[i].name.clone(),
             peer_node: self.nodes[1 - i].name.clone(),
             protocol: self.protocol,
-            ping_interval_ms: 1000,
-            ping_timeout_ms: 4000,
+            ping_interval_ms: if self.witness.is_some() {
+                PING_INTERVAL_MS
+            } else {
+                1000
+            },
+            ping_timeout_ms: if self.witness.is_some() {
+                PING_TIMEOUT_MS
+            } else {
+                4000
+            },
             resync_window_bytes: 64 * 1024,
             resync_chunk_bytes: 16 * 1024,
             seed: self.rng.next_u64(),
+            witness: self.witness.is_some(),
+            lease_ms: LEASE_MS,
+            promote_margin_ms: PROMOTE_MARGIN_MS,
+            on_no_quorum: if self.rng.below(2) == 0 {
+                OnNoQuorum::SuspendIo
+            } else {
+                OnNoQuorum::IoError
+            },
+            fencing: if self.witness.is_some() {
+                Fencing::Resource
+            } else {
+                Fencing::None
+            },
+            auto_promote: true,
+            // Numbers of a new incarnation exceed the old one's, like a wall clock.
+            witness_seq_base: (self.now + 1) * 1_000_000,
         }
     }
 
@@ -238,7 +414,7 @@ impl Sim {
         let p = self.params(i);
         let disk = &self.nodes[i].disk;
         let md = Metadata::read_with(DEVICE_BYTES, |o, l| disk.read(o, l)).expect("metadata");
-        let res = Resource::new(p, md, Instant(self.now));
+        let res = Resource::new(p, md, self.local(i));
         let n = &mut self.nodes[i];
         n.res = Some(res);
         n.incarnation += 1;
@@ -258,6 +434,8 @@ impl Sim {
         n.res = None;
         n.bufs.clear();
         n.disk.crash(&mut rng);
+        self.admin_pending[i] = false;
+        self.paused_until[i] = 0;
         // The application's requests on that node are gone with it.
         let lost: Vec<u64> = self
             .req_node
@@ -283,7 +461,12 @@ impl Sim {
             .as_ref()
             .is_some_and(|r| r.role() == Role::Primary);
         self.break_conn("crash");
-        if other_was_established && was_primary_crash && self.rng.below(3) != 0 {
+        // With a witness the survivor promotes itself.
+        if self.witness.is_none()
+            && other_was_established
+            && was_primary_crash
+            && self.rng.below(3) != 0
+        {
             self.log(|| format!("failover to node {other}"));
             self.admin(other, AdminCmd::Promote { force: false })
                 .expect("failover promote of an up-to-date secondary");
@@ -293,9 +476,11 @@ impl Sim {
     fn break_conn(&mut self, why: &str) {
         if let Some(c) = self.conn.take() {
             self.log(|| format!("connection {c} broken: {why}"));
+            self.held = [VecDeque::new(), VecDeque::new()];
             for i in 0..2 {
+                let now = self.local(i);
                 if let Some(r) = self.nodes[i].res.as_mut() {
-                    r.handle_peer_disconnected(Instant(self.now), why);
+                    r.handle_peer_disconnected(now, why);
                 }
                 self.drain(i);
             }
@@ -303,15 +488,60 @@ impl Sim {
     }
 
     fn admin(&mut self, i: usize, cmd: AdminCmd) -> Result<(), String> {
-        let now = Instant(self.now);
+        let now = self.local(i);
         let r = self.nodes[i].res.as_mut().ok_or("node down")?;
         let out = r.handle_admin(now, cmd.clone()).map_err(|e| e.to_string());
-        if out.is_ok() && matches!(cmd, AdminCmd::Promote { .. }) {
-            self.last_primary = i;
+        if out == Ok(tandem::core::resource::AdminReply::Pending) {
+            self.admin_pending[i] = true;
         }
         self.log(|| format!("admin node {i} {cmd:?} -> {out:?}"));
         self.drain(i);
-        out
+        out.map(|_| ())
+    }
+
+    fn check_invariant_1(&mut self, i: usize, what: &str) {
+        let term = self.nodes[i].res.as_ref().map_or(0, |r| r.term());
+        let (granted, at) = self.granted;
+        if self.witness.is_some() && term < granted && self.violation.is_none() {
+            self.violation = Some(format!(
+                "invariant 1: node {i} completed a {what} in term {term} at {}, after term {granted} was granted at {at}",
+                self.now
+            ));
+        }
+    }
+
+    /// Invariant 4, at the moment a node takes over: its data is up to date, and in B and
+    /// C it holds every write a completed flush covered.
+    fn check_invariant_4(&mut self, i: usize) {
+        if self.witness.is_none() || self.violation.is_some() {
+            return;
+        }
+        let Some(r) = self.nodes[i].res.as_ref() else {
+            return;
+        };
+        if r.disk_state() != DiskState::UpToDate {
+            self.violation = Some(format!(
+                "invariant 4: node {i} promoted with disk {:?}",
+                r.disk_state()
+            ));
+            return;
+        }
+        if self.protocol == Protocol::A {
+            return;
+        }
+        let view = self.nodes[i].disk.view();
+        for (&blk, &flushed) in &self.model.flushed {
+            let h = &self.model.history[&blk];
+            let got = read_stamp(&view[(blk * BLOCK) as usize..]);
+            if !h[flushed - 1..].contains(&got) {
+                self.violation = Some(format!(
+                    "invariant 4: node {i} promoted at {} without flushed write {} of block {blk} (has {got})",
+                    self.now,
+                    h[flushed - 1]
+                ));
+                return;
+            }
+        }
     }
 
     fn push(&mut self, at: u64, ev: Ev) {
@@ -378,8 +608,10 @@ impl Sim {
                     kind: DiskKind::Meta { offset, bytes },
                 },
             ),
-            Action::Send { msg, buf } => {
+            Action::Send { msg, buf, term } => {
                 let Some(conn) = self.conn else { return };
+                let own = self.nodes[i].res.as_ref().map_or(0, |r| r.term());
+                assert_eq!(term, own, "frames carry the sender's term");
                 let data = buf.map(|b| {
                     self.nodes[i]
                         .bufs
@@ -390,12 +622,17 @@ impl Sim {
                 assert_eq!(data.as_ref().map_or(0, |d| d.len() as u32), msg.data_len());
                 let ch = msg.channel();
                 let key = (1 - i, ch);
-                let at =
-                    (self.now + 1 + self.rng.below(6)).max(*self.chan_last.get(&key).unwrap_or(&0));
+                // Now and then a slow path (a retransmit, a full socket).
+                let lat = if self.witness.is_some() && self.rng.below(200) == 0 {
+                    20 + self.rng.below(300)
+                } else {
+                    1 + self.rng.below(6)
+                };
+                let at = (self.now + lat).max(*self.chan_last.get(&key).unwrap_or(&0));
                 self.chan_last.insert(key, at);
                 self.seq += 1;
                 let idx = self.seq;
-                self.msgs.insert(idx, (msg, data));
+                self.msgs.insert(idx, (msg, data, term));
                 self.push(
                     at,
                     Ev::Deliver {
@@ -409,6 +646,9 @@ impl Sim {
                 self.nodes[i].bufs.remove(&b);
             }
             Action::CompleteWrite { req, result } => {
+                if result.is_ok() {
+                    self.check_invariant_1(i, "write");
+                }
                 if self.req_node.remove(&req.0).is_some() {
                     self.app_in_flight -= 1;
                     if result.is_ok() {
@@ -417,9 +657,18 @@ impl Sim {
                 }
             }
             Action::CompleteFlush { req, result } => {
+                if result.is_ok() {
+                    self.check_invariant_1(i, "flush");
+                }
                 if self.req_node.remove(&req.0).is_some() {
                     self.app_in_flight -= 1;
                     let covers = self.model.flush_covers.remove(&req.0).unwrap_or_default();
+                    if self.trace && result.is_ok() {
+                        eprintln!(
+                            "[{:>7}] node {i} flush {} ok covers {covers:?}",
+                            self.now, req.0
+                        );
+                    }
                     if result.is_ok() {
                         for w in covers {
                             let (first, n) = self.model.writes[&w];
@@ -443,16 +692,45 @@ impl Sim {
                         .filter_map(|c| self.chan_last.get(&(1 - i, *c)).copied())
                         .max()
                         .unwrap_or(self.now);
-                    self.push(last.max(self.now) + 1, Ev::Close { conn });
+                    self.push(last.max(self.now) + 1, Ev::Close { to: 1 - i, conn });
                 }
             }
             Action::SetConnect(on) => self.nodes[i].want_connect = on,
-            Action::RoleChanged(role) => self.log(|| format!("node {i} is now {role:?}")),
+            Action::RoleChanged(role) => {
+                self.log(|| format!("node {i} is now {role:?}"));
+                if role == Role::Primary {
+                    self.last_primary = i;
+                    self.check_invariant_4(i);
+                }
+            }
+            Action::AdminDone(result) => {
+                self.admin_pending[i] = false;
+                self.log(|| format!("node {i} admin done: {result:?}"));
+            }
+            Action::Witness { req, timeout_ms } => {
+                let id = self.next_wreq;
+                self.next_wreq += 1;
+                self.wreq.insert(id, (i, inc));
+                self.push(self.now + timeout_ms, Ev::WitnessTimeout { to: i, inc, id });
+                let up = self.witness.as_ref().is_some_and(|w| w.up);
+                // TCP does not lose requests, but a reset connection does.
+                if up && self.reachable(i, W) && self.rng.below(50) != 0 {
+                    let d = self.witness_delay();
+                    let name = self.nodes[i].name.clone();
+                    if let Some(w) = self.witness.as_mut() {
+                        w.requests.insert(id, (name, req));
+                    }
+                    self.push(self.now + d, Ev::WitnessArrive { from: i, id });
+                }
+            }
         }
     }
 
     fn maybe_connect(&mut self) {
-        if self.conn.is_some() || !self.link_up {
+        if self.conn.is_some() || !self.link_up || self.cut[0][1] || self.cut[1][0] {
+            return;
+        }
+        if self.paused(0) || self.paused(1) {
             return;
         }
         if self.nodes.iter().all(|n| n.res.is_some() && n.want_connect) {
@@ -462,8 +740,9 @@ impl Sim {
             self.chan_last.clear();
             self.log(|| format!("connection {c} up"));
             for i in 0..2 {
+                let now = self.local(i);
                 if let Some(r) = self.nodes[i].res.as_mut() {
-                    r.handle_peer_connected(Instant(self.now));
+                    r.handle_peer_connected(now);
                 }
                 self.drain(i);
             }
@@ -486,13 +765,25 @@ impl Sim {
         }
         let req = self.next_req;
         self.next_req += 1;
-        let now = Instant(self.now);
+        let now = self.local(p);
+        let paused = self.paused(p);
         if self.rng.below(6) == 0 {
             let covers = std::mem::take(&mut self.model.completed_unflushed);
             self.model.flush_covers.insert(req, covers);
             self.req_node.insert(req, p);
             self.app_in_flight += 1;
-            if let Some(r) = self.nodes[p].res.as_mut() {
+            if paused {
+                let inc = self.nodes[p].incarnation;
+                self.push(
+                    self.now,
+                    Ev::App {
+                        node: p,
+                        inc,
+                        req,
+                        write: None,
+                    },
+                );
+            } else if let Some(r) = self.nodes[p].res.as_mut() {
                 r.handle_app_flush(now, ReqId(req));
             }
         } else {
@@ -508,14 +799,56 @@ impl Sim {
             self.nodes[p].bufs.insert(BufId(req), data);
             self.req_node.insert(req, p);
             self.app_in_flight += 1;
-            if let Some(r) = self.nodes[p].res.as_mut() {
+            if paused {
+                let write = Some((first * BLOCK, n * BLOCK));
+                let inc = self.nodes[p].incarnation;
+                self.push(
+                    self.now,
+                    Ev::App {
+                        node: p,
+                        inc,
+                        req,
+                        write,
+                    },
+                );
+            } else if let Some(r) = self.nodes[p].res.as_mut() {
                 r.handle_app_write(now, ReqId(req), first * BLOCK, n * BLOCK);
             }
         }
         self.drain(p);
     }
 
+    /// Release peer messages held behind directions that are open again, in order.
+    fn release_held(&mut self) {
+        for to in 0..2 {
+            if self.cut[1 - to][to] {
+                continue;
+            }
+            let at = self.now + 1;
+            for ev in std::mem::take(&mut self.held[to]) {
+                self.push(at, ev);
+            }
+            for ch in [Channel::Data, Channel::Meta] {
+                let e = self.chan_last.entry((to, ch)).or_insert(0);
+                *e = (*e).max(at);
+            }
+        }
+    }
+
     fn run_event(&mut self, ev: Ev) {
+        if let Some(n) = ev.node() {
+            if self.paused(n) {
+                // A stopped process handles nothing; it finds all of it when it resumes.
+                let at = self.paused_until[n];
+                return self.push(at, ev);
+            }
+        }
+        if let Ev::Deliver { to, .. } | Ev::Close { to, .. } = ev {
+            if self.cut[1 - to][to] || !self.held[to].is_empty() {
+                self.held[to].push_back(ev);
+                return;
+            }
+        }
         match ev {
             Ev::DiskDone {
                 node,
@@ -557,18 +890,19 @@ impl Sim {
                             .copy_from_slice(&bytes);
                     }
                 }
-                if let Some(r) = n.res.as_mut() {
-                    r.handle_disk_done(Instant(self.now), IoId(io), true);
+                let now = self.local(node);
+                if let Some(r) = self.nodes[node].res.as_mut() {
+                    r.handle_disk_done(now, IoId(io), true);
                 }
                 self.drain(node);
             }
-            Ev::Close { conn } => {
+            Ev::Close { conn, .. } => {
                 if self.conn == Some(conn) {
                     self.break_conn("closed by peer");
                 }
             }
             Ev::Deliver { to, conn, msg_idx } => {
-                let Some((msg, data)) = self.msgs.remove(&msg_idx) else {
+                let Some((msg, data, term)) = self.msgs.remove(&msg_idx) else {
                     return;
                 };
                 if self.conn != Some(conn) || self.nodes[to].res.is_none() {
@@ -579,24 +913,106 @@ impl Sim {
                     self.nodes[to].bufs.insert(id, d);
                     id
                 });
+                let now = self.local(to);
                 if let Some(r) = self.nodes[to].res.as_mut() {
-                    r.handle_peer_message(Instant(self.now), msg, buf);
+                    r.handle_peer_message(now, term, msg, buf);
                 }
                 self.drain(to);
+            }
+            Ev::WitnessArrive { from, id } => {
+                let wnow = self.witness_now();
+                let Some(w) = self.witness.as_mut() else {
+                    return;
+                };
+                let Some((node, req)) = w.requests.remove(&id) else {
+                    return;
+                };
+                if !w.up {
+                    return;
+                }
+                let out = w.core.handle(wnow, &node, &req);
+                let reply = out.reply;
+                if req.op == witness::Op::Promote && reply.granted && reply.term > self.granted.0 {
+                    self.granted = (reply.term, self.now);
+                    self.log(|| format!("WITNESS grants term {} to {node}", reply.term));
+                }
+                self.log(|| format!("witness {:?} from {node}: {reply:?}", req.op));
+                if self.reachable(W, from) && self.rng.below(50) != 0 {
+                    let d = self.witness_delay();
+                    let inc = self.wreq.get(&id).map_or(0, |e| e.1);
+                    if let Some(w) = self.witness.as_mut() {
+                        w.replies.insert(id, reply);
+                    }
+                    self.push(self.now + d, Ev::WitnessAnswer { to: from, inc, id });
+                }
+            }
+            Ev::WitnessAnswer { to, inc, id } => {
+                let reply = self.witness.as_mut().and_then(|w| w.replies.remove(&id));
+                if self.wreq.get(&id) != Some(&(to, inc)) || self.nodes[to].incarnation != inc {
+                    return;
+                }
+                self.wreq.remove(&id);
+                let now = self.local(to);
+                if let Some(r) = self.nodes[to].res.as_mut() {
+                    r.handle_witness_reply(now, reply);
+                }
+                self.drain(to);
+            }
+            Ev::WitnessTimeout { to, inc, id } => {
+                if self.wreq.remove(&id).is_none() || self.nodes[to].incarnation != inc {
+                    return;
+                }
+                let now = self.local(to);
+                if let Some(r) = self.nodes[to].res.as_mut() {
+                    r.handle_witness_reply(now, None);
+                }
+                self.drain(to);
+            }
+            Ev::App {
+                node,
+                inc,
+                req,
+                write,
+            } => {
+                if self.nodes[node].incarnation != inc {
+                    return;
+                }
+                let now = self.local(node);
+                let Some(r) = self.nodes[node].res.as_mut() else {
+                    return;
+                };
+                match write {
+                    Some((off, len)) => r.handle_app_write(now, ReqId(req), off, len),
+                    None => r.handle_app_flush(now, ReqId(req)),
+                }
+                self.drain(node);
+            }
+            Ev::WitnessRestart => {
+                let wnow = self.witness_now();
+                if let Some(w) = self.witness.as_mut() {
+                    let state = w.core.state().clone();
+                    w.core = Witness::new(LEASE_MS, wnow, state);
+                    w.up = true;
+                }
+                self.log(|| "witness restarted".into());
             }
         }
     }
 
     fn timers(&mut self) {
         for i in 0..2 {
+            if self.paused(i) {
+                continue;
+            }
+            let now = self.local(i);
             let due = self.nodes[i]
                 .res
                 .as_ref()
                 .and_then(|r| r.poll_timeout())
-                .is_some_and(|t| t.0 <= self.now);
+                .is_some_and(|t| t <= now);
             if due {
                 if let Some(r) = self.nodes[i].res.as_mut() {
-                    r.handle_timeout(Instant(self.now));
+                    r.handle_timeout(now);
                 }
                 self.drain(i);
             }
@@ -626,6 +1042,9 @@ impl Sim {
     }
 
     fn fault_phase(&mut self, steps: u64) {
+        if self.witness.is_some() {
+            return self.witness_fault_phase(steps);
+        }
         for _ in 0..steps {
             match self.rng.below(1000) {
                 0..=5 => {
@@ -645,15 +1064,135 @@ impl Sim {
         }
     }
 
+    /// With a witness, faults are rarer: a failover takes a lease and more, and a run
+    /// should see several complete, not one long storm.
+    fn witness_fault_phase(&mut self, steps: u64) {
+        for _ in 0..steps {
+            match self.rng.below(4000) {
+                0..=3 => {
+                    self.link_up = !self.link_up;
+                    if !self.link_up {
+                        self.break_conn("link down");
+                    }
+                }
+                4 => {
+                    let i = self.rng.below(2) as usize;
+                    self.crash(i);
+                }
+                5..=8 => self.witness_fault(),
+                9..=1600 => self.app_step(),
+                _ => {}
+            }
+            self.advance();
+            if let Some(v) = &self.violation {
+                panic!("{v}");
+            }
+        }
+    }
+
+    /// One fault among the three (witness runs only).
+    fn witness_fault(&mut self) {
+        match self.rng.below(10) {
+            // A one-way cut (or its healing) between any two of the three.
+            0..=3 => {
+                let a = self.rng.below(3) as usize;
+                let b = (a + 1 + self.rng.below(2) as usize) % 3;
+                self.cut[a][b] = !self.cut[a][b];
+                self.log(|| format!("cut {a}->{b}: {}", self.cut[a][b]));
+                self.release_held();
+            }
+            // Isolate one of the three from both others, or heal all cuts.
+            4..=5 => {
+                if self.cut.iter().flatten().any(|&c| c) {
+                    self.cut = [[false; 3]; 3];
+                    self.log(|| "all cuts healed".into());
+                    self.release_held();
+                } else {
+                    let v = self.rng.below(3) as usize;
+                    for o in 0..3 {
+                        if o != v {
+                            self.cut[v][o] = true;
+                            self.cut[o][v] = true;
+                        }
+                    }
+                    self.log(|| format!("isolate {v}"));
+                }
+            }
+            // Pause a data node for up to three leases (SIGSTOP).
+            6..=7 => {
+                let i = self.rng.below(2) as usize;
+                if !self.paused(i) && self.nodes[i].res.is_some() {
+                    let ms = 50 + self.rng.below(3 * LEASE_MS);
+                    self.paused_until[i] = self.now + ms;
+                    self.log(|| format!("PAUSE node {i} for {ms} ms"));
+                }
+            }
+            // Crash the witness; it restarts from its state file.
+            _ => {
+                if let Some(w) = self.witness.as_mut() {
+                    if w.up {
+                        w.up = false;
+                        w.requests.clear();
+                        w.replies.clear();
+                        let at = self.now + 10 + self.rng.below(3 * LEASE_MS);
+                        self.push(at, Ev::WitnessRestart);
+                        self.log(|| "WITNESS crashed".into());
+                    }
+                }
+            }
+        }
+    }
+
     /// Heal everything and wait for convergence.
     fn heal(&mut self) -> Result<(), String> {
         self.link_up = true;
+        self.cut = [[false; 3]; 3];
+        self.release_held();
+        if self.witness.as_ref().is_some_and(|w| !w.up) {
+            self.push(self.now, Ev::WitnessRestart);
+        }
         let deadline = self.now + 120_000;
+        let mut attempt = 0;
         loop {
             for i in 0..2 {
                 if self.nodes[i].res.is_none() {
                     self.start(i);
                 }
+            }
+            if let Some(v) = &self.violation {
+                return Err(v.clone());
+            }
+            if self.witness.is_some() {
+                let idle = self.app_in_flight == 0
+                    && !self.admin_pending.iter().any(|&p| p)
+                    && self.held.iter().all(|h| h.is_empty());
+                if self.primary().is_none() && idle && !self.paused(0) && !self.paused(1) {
+                    // The operator promotes, through the witness; it picks whom.
+                    let i = (self.last_primary + attempt) % 2;
+                    attempt += 1;
+                    let _ = self.admin(i, AdminCmd::Promote { force: false });
+                }
+                let done = idle
+                    && self.primary().is_some()
+                    && self.witness.as_ref().is_some_and(|w| w.up)
+                    && self.nodes.iter().all(|n| {
+                        n.res.as_ref().is_some_and(|r| {
+                            r.conn() == Conn::Established && r.is_idle() && r.bitmap().count() == 0
+                        })
+                    });
+                if done {
+                    return Ok(());
+                }
+                if self.now > deadline {
+                    let st: Vec<_> = self
+                        .nodes
+                        .iter()
+                        .map(|n| n.res.as_ref().map(|r| (r.status(), r.is_idle())))
+                        .collect();
+                    return Err(format!("no convergence after healing: {st:#?}"));
+                }
+                self.advance();
+                continue;
             }
             if self.primary().is_none() {
                 let i = self.last_primary;
@@ -737,12 +1276,26 @@ fn run_seed(seed: u64, protocol: Protocol, trace: bool) -> Result<(), String> {
     sim.check()
 }
 
-fn protocols() -> [Protocol; 3] {
-    [Protocol::A, Protocol::B, Protocol::C]
+fn run_witness_seed(seed: u64, protocol: Protocol, trace: bool) -> Result<(), String> {
+    let mut sim = Sim::with_witness(seed, protocol, trace);
+    let run = std::panic::AssertUnwindSafe(|| sim.fault_phase(20_000));
+    std::panic::catch_unwind(run).map_err(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| "panic".into())
+    })?;
+    sim.heal()?;
+    sim.check()
 }
 
-#[test]
-fn simulator_many_seeds_converge() {
+/// Run `run` for every seed from the environment (or `TANDEM_SEED` alone, traced) in
+/// every protocol, and fail with every failing seed's replay line.
+fn many_seeds(
+    test: &str,
+    count_var: &str,
+    default_count: u64,
+    run: fn(u64, Protocol, bool) -> Result<(), String>,
+) {
     if let Ok(s) = std::env::var("TANDEM_SEED") {
         let seed: u64 = s.parse().expect("TANDEM_SEED must be a number");
         let only = std::env::var("TANDEM_PROTOCOL")
@@ -752,16 +1305,18 @@ fn simulator_many_seeds_converge() {
             .into_iter()
             .filter(|p| only.is_none_or(|o| o == *p))
         {
-            if let Err(e) = run_seed(seed, p, true) {
-                panic!("TANDEM_SEED={seed} protocol {p:?}: {e}");
+            if let Err(e) = run(seed, p, true) {
+                panic!(
+                    "TANDEM_SEED={seed} TANDEM_PROTOCOL={p:?} cargo test --test sim {test}: {e}"
+                );
             }
         }
         return;
     }
-    let n: u64 = std::env::var("TANDEM_SIM_SEEDS")
+    let n: u64 = std::env::var(count_var)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(150);
+        .unwrap_or(default_count);
     let base = std::env::var("TANDEM_SIM_BASE")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -770,9 +1325,9 @@ fn simulator_many_seeds_converge() {
     for k in 0..n {
         let seed = base + k;
         for p in protocols() {
-            if let Err(e) = run_seed(seed, p, false) {
+            if let Err(e) = run(seed, p, false) {
                 failures.push(format!(
-                    "TANDEM_SEED={seed} (protocol {p:?}): {}",
+                    "TANDEM_SEED={seed} TANDEM_PROTOCOL={p:?} cargo test --test sim {test}: {}",
                     e.lines().next().unwrap_or("")
                 ));
             }
@@ -783,6 +1338,30 @@ fn simulator_many_seeds_converge() {
         "{} failing runs:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+#[test]
+fn simulator_with_witness_never_two_writers() {
+    many_seeds(
+        "simulator_with_witness_never_two_writers",
+        "TANDEM_SIM_WITNESS_SEEDS",
+        300,
+        run_witness_seed,
+    );
+}
+
+fn protocols() -> [Protocol; 3] {
+    [Protocol::A, Protocol::B, Protocol::C]
+}
+
+#[test]
+fn simulator_many_seeds_converge() {
+    many_seeds(
+        "simulator_many_seeds_converge",
+        "TANDEM_SIM_SEEDS",
+        150,
+        run_seed,
     );
 }
 

@@ -153,8 +153,8 @@ async fn serve(s: TcpStream, secret: &[u8], shared: Arc<Mutex<Shared>>) -> anyho
     }
     let node = a.node;
     loop {
-        let (msg, _) = match net::read_frame(&mut s).await {
-            Ok(m) => m,
+        let msg = match net::read_frame(&mut s).await {
+            Ok(f) => f.msg,
             Err(net::NetError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Ok(())
             }

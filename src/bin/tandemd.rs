@@ -155,6 +155,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ping_timeout_ms: r.ping_timeout_ms,
             resync_window_bytes: r.resync_window_bytes,
             resync_chunk_bytes: 256 << 10,
+            witness: r.witness.is_some(),
+            lease_ms: r.lease_ms,
+            promote_margin_ms: r.promote_margin_ms,
+            on_no_quorum: r.on_no_quorum,
+            fencing: r.fencing,
+            auto_promote: r.auto_promote,
+            // Above every number an earlier run of this daemon used.
+            witness_seq_base: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(1),
             seed: u64::from_le_bytes(
                 net::random_nonce()?[..8]
                     .try_into()
@@ -170,6 +181,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 peer_node: peer.name.clone(),
                 peer_addr: peer.address,
                 secret: secret.clone(),
+                witness_addr: r.witness,
             },
             link: local.device.clone(),
             mountpoint: run_dir.join(format!("fuse-{}", r.name)),

@@ -104,6 +104,11 @@ pub struct Superblock {
     pub gen: Generation,
     pub resource: String,
     pub node: String,
+    /// The highest term this node has seen (the witness's fencing token); it never
+    /// accepts a replication message from an older one.
+    pub term: u64,
+    /// The term in which the current generation began (when a primary started it).
+    pub gen_term: u64,
 }
 
 fn put_name(b: &mut [u8], s: &str) {
@@ -150,6 +155,8 @@ impl Superblock {
         }
         put_name(&mut b[128..128 + NAME_BYTES], &self.resource);
         put_name(&mut b[192..192 + NAME_BYTES], &self.node);
+        b[256..264].copy_from_slice(&self.term.to_le_bytes());
+        b[264..272].copy_from_slice(&self.gen_term.to_le_bytes());
         let crc = crc32fast::hash(&b[..4092]);
         b[4092..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -234,6 +241,8 @@ impl Superblock {
             },
             resource: get_name(&b[128..128 + NAME_BYTES]),
             node: get_name(&b[192..192 + NAME_BYTES]),
+            term: u64_at(256),
+            gen_term: u64_at(264),
         })
     }
 }
@@ -273,6 +282,8 @@ impl Superblock {
             gen,
             resource: resource.to_string(),
             node: node.to_string(),
+            term: 0,
+            gen_term: 0,
         }
     }
 }

@@ -13,6 +13,13 @@
 //! [`Resource::handle_disk_done`]. A driver that completes `MetaWrite` before it is on
 //! stable storage breaks the crash guarantees.
 //!
+//! Quorum: with a witness configured, a primary completes writes only while it has
+//! quorum ([`crate::core::quorum`]); requests to the witness come out as
+//! [`Action::Witness`], and the driver must answer every one, exactly once, with
+//! [`Resource::handle_witness_reply`] (`None` when it timed out or the witness is
+//! unreachable). A promotion granted by the witness is written to the superblock before
+//! the node acts as primary of the new term.
+//!
 //! Buffers: application writes and received block data stay in the driver, named by
 //! [`BufId`]; the core says which buffer to write, send or read into, and when the driver
 //! may drop it ([`Action::ReleaseBuf`]).
@@ -22,8 +29,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use crate::core::al::{ActivityLog, AlTxn};
 use crate::core::bitmap::{Bitmap, PAGE_BYTES};
 use crate::core::meta::{self, Metadata, Superblock};
+use crate::core::quorum::{self, Fencing, OnNoQuorum, Votes};
 use crate::core::uuid::{self, Generation, SyncDecision, UuidView};
 use crate::core::wire::{self, Hello, Msg};
+use crate::core::witness::{self, Op as WitnessOp};
 use crate::core::{Instant, Protocol, SplitMix64};
 
 /// An application request; for writes also the name of the buffer holding its data.
@@ -113,6 +122,16 @@ pub enum AdminError {
     IsPrimary,
     #[error("{0} application requests still in flight")]
     Busy(usize),
+    #[error("a promotion through the witness is already in progress")]
+    PromoteInProgress,
+}
+
+/// How an accepted admin command ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminReply {
+    Done,
+    /// The answer comes later as [`Action::AdminDone`] (a promotion through the witness).
+    Pending,
 }
 
 /// Tuning that the config provides.
@@ -129,6 +148,21 @@ pub struct Params {
     pub resync_chunk_bytes: u64,
     /// Seed for new generation UUIDs.
     pub seed: u64,
+    /// A witness is configured: quorum, leases and fencing apply. Without one the pair
+    /// behaves as DRBD with `quorum off`.
+    pub witness: bool,
+    /// The lease length the witness grants (it says so in every grant; this is for
+    /// scheduling renewals before the first one).
+    pub lease_ms: u64,
+    /// Extra silence, beyond `ping_timeout_ms`, before a secondary asks to be promoted.
+    pub promote_margin_ms: u64,
+    pub on_no_quorum: OnNoQuorum,
+    pub fencing: Fencing,
+    /// Ask the witness for promotion when the primary is lost.
+    pub auto_promote: bool,
+    /// Witness requests are numbered from here; it must exceed every number an earlier
+    /// run of this node used (the shell passes the wall clock in microseconds).
+    pub witness_seq_base: u64,
 }
 
 /// Everything the driver must do.
@@ -155,10 +189,20 @@ pub enum Action {
         offset: u64,
         bytes: Vec<u8>,
     },
+    /// Send `msg` stamped with `term` (the frame header's fencing token).
     Send {
         msg: Msg,
         buf: Option<BufId>,
+        term: u64,
     },
+    /// Ask the witness; answer with [`Resource::handle_witness_reply`] within
+    /// `timeout_ms`, or with `None` once it has passed.
+    Witness {
+        req: witness::Request,
+        timeout_ms: u64,
+    },
+    /// The outcome of an admin command that returned [`AdminReply::Pending`].
+    AdminDone(Result<(), String>),
     ReleaseBuf(BufId),
     CompleteWrite {
         req: ReqId,
@@ -206,6 +250,10 @@ pub struct StateKey {
     pub peer_role: Role,
     pub peer_disk: DiskState,
     pub split_brain: bool,
+    pub quorum: bool,
+    pub term: u64,
+    pub degraded: bool,
+    pub suspended: bool,
 }
 
 /// A point-in-time view for `status`.
@@ -219,6 +267,13 @@ pub struct Status {
     pub peer: PeerStatus,
     pub quorum: bool,
     pub term: u64,
+    /// Witness down while the peers are connected: replication goes on, no failover.
+    pub degraded: bool,
+    /// Application I/O is held (no quorum, or waiting for the witness to outdate the
+    /// peer).
+    pub suspended: bool,
+    pub lease_ms_left: u64,
+    pub witness: WitnessStatus,
     pub protocol: &'static str,
     pub out_of_sync_bytes: u64,
     pub resync: ResyncStatus,
@@ -233,6 +288,16 @@ pub struct PeerStatus {
     pub name: String,
     pub role: Role,
     pub disk: DiskState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WitnessStatus {
+    /// "none" (not configured), "connected", "unreachable".
+    pub connection: &'static str,
+    pub last_reply_ms_ago: Option<u64>,
+    /// The witness's view as of its last reply.
+    pub primary: String,
+    pub up_to_date: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -327,6 +392,46 @@ pub enum Timer {
     /// Close an epoch that has been open long enough, so the peer flushes it and the
     /// transfer log drains even when the application never flushes.
     EpochClose,
+    /// Send the next request to the witness (renewal, query, retry).
+    Witness,
+    /// Quorum runs out now unless a vote was renewed.
+    QuorumLost,
+    /// The lost primary has been silent long enough to ask for promotion.
+    AutoPromote,
+}
+
+/// What application I/O on a primary may do right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Open,
+    /// Submit, but hold completions: the peer is being outdated at the witness.
+    HoldCompletion,
+    /// No quorum, `suspend-io`: submit nothing, complete nothing.
+    Suspend,
+    /// Fail everything with EIO: no quorum with `io-error`, or no longer primary.
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PromoteWant {
+    manual: bool,
+    /// A manual promotion gives up (and says why) after this.
+    give_up_at: Instant,
+}
+
+/// The witness as this node sees it.
+#[derive(Debug, Default)]
+struct WitnessLink {
+    in_flight: Option<(WitnessOp, Instant)>,
+    reachable: bool,
+    last_reply: Option<Instant>,
+    next_at: Instant,
+    primary: String,
+    up_to_date: Vec<String>,
+    release_pending: bool,
+    /// The witness may count the peer as up to date: what its last reply said, but also
+    /// while a request to add it has gone unanswered (it may have been carried out).
+    peer_maybe_up_to_date: bool,
 }
 
 /// Writes per epoch at most (DRBD's max-epoch-size).
@@ -386,6 +491,25 @@ pub struct Resource {
     last_rx: Instant,
     next_ping: Option<Instant>,
     ping_id: u64,
+    pings_sent: VecDeque<(u64, Instant)>,
+    // Quorum.
+    votes: Votes,
+    wl: WitnessLink,
+    /// Promoted with `--force`: acts without quorum or fencing until demoted.
+    forced: bool,
+    want_promote: Option<PromoteWant>,
+    /// When the primary peer was last heard from, once it is lost.
+    primary_lost_at: Option<Instant>,
+    gate_was: Gate,
+    /// A new term is on its way to the superblock: act on it only once it is there.
+    term_persist: bool,
+    /// The peer's `gen_term` from its hello: a sync target takes it over with the data.
+    peer_gen_term: u64,
+    witness_seq: u64,
+    /// A promotion request went unanswered: the witness may have granted it. Until a
+    /// later request is answered the node keeps away from its peer, whose primary must
+    /// not count it as a vote meanwhile.
+    promote_uncertain: bool,
     now: Instant,
 }
 
@@ -405,6 +529,7 @@ impl Resource {
             al.restore(&txn);
         }
         let rng = SplitMix64(p.seed);
+        let witness_seq = p.witness_seq_base;
         let mut r = Resource {
             p,
             sb,
@@ -449,6 +574,25 @@ impl Resource {
             last_rx: now,
             next_ping: None,
             ping_id: 0,
+            pings_sent: VecDeque::new(),
+            votes: Votes {
+                peer_fresh_until: None,
+                lease_until: None,
+                peer_counts: true,
+            },
+            wl: WitnessLink {
+                next_at: now,
+                peer_maybe_up_to_date: true,
+                ..WitnessLink::default()
+            },
+            forced: false,
+            want_promote: None,
+            primary_lost_at: None,
+            gate_was: Gate::Open,
+            term_persist: false,
+            peer_gen_term: 0,
+            witness_seq,
+            promote_uncertain: false,
             now,
         };
         if r.sb.has(meta::FLAG_PRIMARY_ACTIVE) {
@@ -490,6 +634,54 @@ impl Resource {
     }
     pub fn data_bytes(&self) -> u64 {
         self.sb.layout.data_bytes
+    }
+    /// The highest term this node has seen.
+    pub fn term(&self) -> u64 {
+        self.sb.term
+    }
+
+    /// Quorum at the last `now`: always for a node without a witness (DRBD's `quorum
+    /// off`); for a primary its peer or its lease; for a secondary, that it can reach one
+    /// of the other two.
+    pub fn has_quorum(&self) -> bool {
+        if !self.p.witness || self.forced {
+            return true;
+        }
+        match self.role {
+            Role::Primary => self.votes.quorum(self.now),
+            _ => self.connected() || self.wl.reachable,
+        }
+    }
+
+    fn degraded(&self) -> bool {
+        self.p.witness && !self.wl.reachable && self.connected()
+    }
+
+    fn gate(&self) -> Gate {
+        if self.role != Role::Primary {
+            return Gate::Fail;
+        }
+        if !self.p.witness || self.forced {
+            return Gate::Open;
+        }
+        if !self.votes.quorum(self.now) {
+            return match self.p.on_no_quorum {
+                OnNoQuorum::SuspendIo => Gate::Suspend,
+                OnNoQuorum::IoError => Gate::Fail,
+            };
+        }
+        // In every protocol: a write or flush completed after the peer was lost may be
+        // one the peer lacks (A and B complete without its disk), so the peer must be
+        // on record as outdated first, or it could be promoted without it.
+        if self.fence_needed() {
+            return Gate::HoldCompletion;
+        }
+        Gate::Open
+    }
+
+    /// Application I/O is being held back.
+    pub fn io_suspended(&self) -> bool {
+        self.role == Role::Primary && matches!(self.gate(), Gate::Suspend | Gate::HoldCompletion)
     }
 
     pub fn disk_state(&self) -> DiskState {
@@ -534,6 +726,10 @@ impl Resource {
             peer_role: self.peer_role,
             peer_disk: self.peer_disk,
             split_brain: self.split_brain,
+            quorum: self.has_quorum(),
+            term: self.sb.term,
+            degraded: self.degraded(),
+            suspended: self.io_suspended(),
         }
     }
 
@@ -569,10 +765,25 @@ impl Resource {
                     DiskState::Unknown
                 },
             },
-            // Until the witness lands (issue 3) quorum can only mean "the peer is
-            // reachable"; a secondary never needs it.
-            quorum: self.connected() || self.role == Role::Secondary,
-            term: 0,
+            quorum: self.has_quorum(),
+            term: self.sb.term,
+            degraded: self.degraded(),
+            suspended: self.io_suspended(),
+            lease_ms_left: if self.role == Role::Primary {
+                self.votes.lease_left_ms(self.now)
+            } else {
+                0
+            },
+            witness: WitnessStatus {
+                connection: match (self.p.witness, self.wl.reachable) {
+                    (false, _) => "none",
+                    (true, true) => "connected",
+                    (true, false) => "unreachable",
+                },
+                last_reply_ms_ago: self.wl.last_reply.map(|t| self.now.ms_since(t)),
+                primary: self.wl.primary.clone(),
+                up_to_date: self.wl.up_to_date.clone(),
+            },
             protocol: self.p.protocol.as_str(),
             out_of_sync_bytes: self.bitmap.out_of_sync_bytes(),
             resync: ResyncStatus {
@@ -607,9 +818,25 @@ impl Resource {
         t.iter().filter_map(|(_, d)| *d).min()
     }
 
-    fn timer_deadlines(&self) -> [(Timer, Option<Instant>); 3] {
+    fn timer_deadlines(&self) -> [(Timer, Option<Instant>); 6] {
         let connected = self.connected();
+        let witness_due =
+            (self.p.witness && self.wl.in_flight.is_none()).then_some(self.wl.next_at);
+        let quorum_lost = (self.p.witness && self.role == Role::Primary && !self.forced)
+            .then(|| self.votes.quorum_until(self.now))
+            .flatten();
+        let auto_promote = match (self.auto_promote_possible(), self.primary_lost_at) {
+            (true, Some(t)) if self.want_promote.is_none() => Some(quorum::promote_not_before(
+                t,
+                self.p.ping_timeout_ms,
+                self.p.promote_margin_ms,
+            )),
+            _ => None,
+        };
         [
+            (Timer::Witness, witness_due),
+            (Timer::QuorumLost, quorum_lost),
+            (Timer::AutoPromote, auto_promote),
             (
                 Timer::EpochClose,
                 self.epoch_opened_at.map(|t| t.plus_ms(EPOCH_CLOSE_MS)),
@@ -635,6 +862,10 @@ impl Resource {
                 Timer::Ping => {
                     self.ping_id += 1;
                     self.send(Msg::Ping { id: self.ping_id });
+                    if self.pings_sent.len() >= 64 {
+                        self.pings_sent.pop_front();
+                    }
+                    self.pings_sent.push_back((self.ping_id, now));
                     self.next_ping = Some(now.plus_ms(self.p.ping_interval_ms));
                 }
                 Timer::EpochClose => self.close_epoch(),
@@ -646,11 +877,38 @@ impl Resource {
                         ));
                     }
                 }
+                Timer::Witness => {
+                    // Nothing urgent: the periodic renewal or query.
+                    self.wl.next_at = now.plus_ms(self.p.lease_ms / 3);
+                    self.witness_tick(true);
+                }
+                Timer::QuorumLost => {}
+                Timer::AutoPromote => {
+                    if self.auto_promote_possible() {
+                        tracing::warn!(
+                            resource = %self.p.resource,
+                            silent_ms = self.primary_lost_at.map_or(0, |t| now.ms_since(t)),
+                            "primary lost: asking the witness to promote this node"
+                        );
+                        self.want_promote = Some(PromoteWant {
+                            manual: false,
+                            give_up_at: now,
+                        });
+                        self.witness_tick(false);
+                    }
+                    self.primary_lost_at = None;
+                }
             }
         }
+        self.check_gate();
     }
 
     pub fn handle_app_write(&mut self, now: Instant, req: ReqId, offset: u64, len: u64) {
+        self.on_app_write(now, req, offset, len);
+        self.check_gate();
+    }
+
+    fn on_app_write(&mut self, now: Instant, req: ReqId, offset: u64, len: u64) {
         self.now = now;
         let err = if self.role != Role::Primary {
             Some(ReqError::ReadOnly)
@@ -689,6 +947,11 @@ impl Resource {
     }
 
     pub fn handle_app_flush(&mut self, now: Instant, req: ReqId) {
+        self.on_app_flush(now, req);
+        self.check_gate();
+    }
+
+    fn on_app_flush(&mut self, now: Instant, req: ReqId) {
         self.now = now;
         self.flushes.insert(
             req,
@@ -705,6 +968,11 @@ impl Resource {
     }
 
     pub fn handle_disk_done(&mut self, now: Instant, io: IoId, ok: bool) {
+        self.on_disk_done(now, io, ok);
+        self.check_gate();
+    }
+
+    fn on_disk_done(&mut self, now: Instant, io: IoId, ok: bool) {
         self.now = now;
         let Some(purpose) = self.ios.remove(&io) else {
             return;
@@ -732,6 +1000,7 @@ impl Resource {
             IoPurpose::TargetDoneFlush => {
                 if let Some(gen) = self.resync_done_pending_gen.take() {
                     self.sb.gen = gen;
+                    self.sb.gen_term = self.peer_gen_term;
                     self.sb.set(meta::FLAG_CONSISTENT, true);
                     self.sb.set(meta::FLAG_OUTDATED, false);
                     self.sb.set(meta::FLAG_CRASHED_PRIMARY, false);
@@ -790,6 +1059,11 @@ impl Resource {
 
     /// The transport connected and authenticated the peer.
     pub fn handle_peer_connected(&mut self, now: Instant) {
+        self.on_peer_connected(now);
+        self.check_gate();
+    }
+
+    fn on_peer_connected(&mut self, now: Instant) {
         self.now = now;
         if self.conn != Conn::Connecting {
             return;
@@ -798,7 +1072,10 @@ impl Resource {
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::Unknown;
         self.last_rx = now;
-        self.next_ping = Some(now.plus_ms(self.p.ping_interval_ms));
+        // Ping at once: the peer counts toward quorum only once it answered one.
+        self.next_ping = Some(now);
+        self.pings_sent.clear();
+        self.votes.peer_fresh_until = None;
         let mut flags = 0;
         if self.sb.has(meta::FLAG_CRASHED_PRIMARY) {
             flags |= wire::HELLO_CRASHED_PRIMARY;
@@ -822,11 +1099,17 @@ impl Resource {
             block_bytes: self.sb.layout.block_bytes,
             gen: self.sb.gen,
             flags,
+            gen_term: self.sb.gen_term,
         }));
     }
 
     /// The transport lost the peer (EOF, error, reset).
     pub fn handle_peer_disconnected(&mut self, now: Instant, reason: &str) {
+        self.on_peer_disconnected(now, reason);
+        self.check_gate();
+    }
+
+    fn on_peer_disconnected(&mut self, now: Instant, reason: &str) {
         self.now = now;
         if !self.connected() {
             return;
@@ -835,7 +1118,8 @@ impl Resource {
         self.forget_peer(Conn::Connecting);
     }
 
-    pub fn handle_peer_message(&mut self, now: Instant, msg: Msg, buf: Option<BufId>) {
+    /// A message from the peer, with the term its frame header carried.
+    pub fn handle_peer_message(&mut self, now: Instant, term: u64, msg: Msg, buf: Option<BufId>) {
         self.now = now;
         self.last_rx = now;
         if !self.connected() {
@@ -844,8 +1128,59 @@ impl Resource {
             }
             return;
         }
+        if self.peer_role == Role::Primary {
+            self.primary_lost_at = None;
+        }
         match msg {
-            Msg::Hello(h) => self.on_hello(h),
+            // The handshake is how a node that was away learns the newer term.
+            Msg::Hello(h) => self.on_hello(h, term),
+            msg if term < self.sb.term && Self::needs_current_term(&msg) => {
+                let what = format!(
+                    "{} from term {term}, this node is at term {}",
+                    Self::msg_name(&msg),
+                    self.sb.term
+                );
+                self.protocol_error(&what, buf);
+            }
+            msg => {
+                self.adopt_term(term, "the peer");
+                self.dispatch_peer_message(msg, buf);
+            }
+        }
+        self.check_gate();
+    }
+
+    /// Messages that carry authority (writes, resync data, bitmaps, a primary's claim)
+    /// are refused from an older term. Acknowledgements and pings are not: a secondary
+    /// that has not yet seen the newer term sends them in good faith.
+    fn needs_current_term(msg: &Msg) -> bool {
+        matches!(
+            msg,
+            Msg::Data { .. }
+                | Msg::ResyncData { .. }
+                | Msg::BitmapRuns { .. }
+                | Msg::BitmapEnd
+                | Msg::ResyncDone { .. }
+                | Msg::Barrier { .. }
+                | Msg::State { primary: true, .. }
+        )
+    }
+
+    fn msg_name(msg: &Msg) -> &'static str {
+        match msg {
+            Msg::Data { .. } => "a write",
+            Msg::ResyncData { .. } => "resync data",
+            Msg::BitmapRuns { .. } | Msg::BitmapEnd => "a bitmap",
+            Msg::ResyncDone { .. } => "resync-done",
+            Msg::Barrier { .. } => "a barrier",
+            Msg::State { .. } => "a primary's state",
+            _ => "a message",
+        }
+    }
+
+    fn dispatch_peer_message(&mut self, msg: Msg, buf: Option<BufId>) {
+        match msg {
+            Msg::Hello(_) => self.protocol_error("unexpected hello", buf),
             Msg::BitmapRuns { runs } => {
                 let n = self.bitmap.nbits();
                 for (s, l) in runs {
@@ -954,7 +1289,22 @@ impl Resource {
                 self.peer_disk = DiskState::from_code(disk);
             }
             Msg::Ping { id } => self.send(Msg::PingAck { id }),
-            Msg::PingAck { .. } => {}
+            Msg::PingAck { id } => {
+                // The peer was alive when it answered, which is after the ping was sent:
+                // count it as present from the send time, never from the receipt.
+                while let Some(&(pid, sent)) = self.pings_sent.front() {
+                    if pid > id {
+                        break;
+                    }
+                    self.pings_sent.pop_front();
+                    if pid == id {
+                        self.note_quorum_loss();
+                        let until = sent.plus_ms(self.p.ping_timeout_ms);
+                        self.votes.peer_fresh_until =
+                            Some(self.votes.peer_fresh_until.map_or(until, |t| t.max(until)));
+                    }
+                }
+            }
             Msg::AuthChallenge { .. }
             | Msg::AuthResponse { .. }
             | Msg::AuthProof { .. }
@@ -965,13 +1315,41 @@ impl Resource {
         }
     }
 
-    pub fn handle_admin(&mut self, now: Instant, cmd: AdminCmd) -> Result<(), AdminError> {
+    /// An operator command. `Ok(Pending)` means the answer follows as
+    /// [`Action::AdminDone`] (promotion through the witness).
+    pub fn handle_admin(&mut self, now: Instant, cmd: AdminCmd) -> Result<AdminReply, AdminError> {
         self.now = now;
+        let out = self.admin(cmd);
+        self.check_gate();
+        out
+    }
+
+    fn admin(&mut self, cmd: AdminCmd) -> Result<AdminReply, AdminError> {
+        let done = |r: Result<(), AdminError>| r.map(|()| AdminReply::Done);
         match cmd {
-            AdminCmd::Promote { force } => self.promote(force),
+            AdminCmd::Promote { force } => {
+                if self.role == Role::Primary {
+                    return Ok(AdminReply::Done);
+                }
+                if force || !self.p.witness {
+                    return done(self.promote(force));
+                }
+                if self.want_promote.is_some_and(|w| w.manual) {
+                    return Err(AdminError::PromoteInProgress);
+                }
+                self.promote_precheck()?;
+                self.want_promote = Some(PromoteWant {
+                    manual: true,
+                    give_up_at: self
+                        .now
+                        .plus_ms(2 * self.p.lease_ms + self.p.ping_timeout_ms),
+                });
+                self.witness_tick(false);
+                Ok(AdminReply::Pending)
+            }
             AdminCmd::Demote => {
                 if self.role != Role::Primary {
-                    return Ok(());
+                    return Ok(AdminReply::Done);
                 }
                 if !self.writes.is_empty() || !self.pending.is_empty() {
                     return Err(AdminError::Busy(self.writes.len() + self.pending.len()));
@@ -982,7 +1360,8 @@ impl Resource {
                 self.persist_superblock();
                 self.actions.push_back(Action::RoleChanged(Role::Secondary));
                 self.send_state();
-                Ok(())
+                self.leave_primary();
+                Ok(AdminReply::Done)
             }
             AdminCmd::Connect { discard_my_data } => {
                 if discard_my_data && self.role == Role::Primary {
@@ -994,7 +1373,7 @@ impl Resource {
                     self.conn = Conn::Connecting;
                 }
                 self.actions.push_back(Action::SetConnect(true));
-                Ok(())
+                Ok(AdminReply::Done)
             }
             AdminCmd::Disconnect => {
                 if self.connected() {
@@ -1005,7 +1384,7 @@ impl Resource {
                 }
                 self.conn = Conn::StandAlone;
                 self.actions.push_back(Action::SetConnect(false));
-                Ok(())
+                Ok(AdminReply::Done)
             }
             AdminCmd::Invalidate => {
                 if self.role == Role::Primary {
@@ -1020,12 +1399,31 @@ impl Resource {
                 if self.connected() {
                     self.restart_handshake("invalidate: full resync from the peer");
                 }
-                Ok(())
+                Ok(AdminReply::Done)
             }
         }
     }
 
     // ----- roles ---------------------------------------------------------------------
+
+    /// What stops a promotion through the witness before it is even asked.
+    fn promote_precheck(&self) -> Result<(), AdminError> {
+        if self.connected() && self.peer_role == Role::Primary {
+            return Err(AdminError::PeerIsPrimary);
+        }
+        if matches!(
+            self.conn,
+            Conn::SyncTarget
+                | Conn::SyncStarting { source: false }
+                | Conn::WfBitmap { source: false }
+        ) {
+            return Err(AdminError::SyncTarget);
+        }
+        match self.disk_state() {
+            DiskState::UpToDate => Ok(()),
+            d => Err(AdminError::NotUpToDate(d)),
+        }
+    }
 
     fn promote(&mut self, force: bool) -> Result<(), AdminError> {
         if self.role == Role::Primary {
@@ -1054,10 +1452,21 @@ impl Resource {
             self.sb.set(meta::FLAG_CONSISTENT, true);
             self.sb.set(meta::FLAG_OUTDATED, false);
         }
+        if force && self.p.witness {
+            tracing::warn!(
+                resource = %self.p.resource,
+                term = self.sb.term,
+                "forced promotion: acting as primary without quorum or fencing until demoted"
+            );
+            self.forced = true;
+        }
+        self.primary_lost_at = None;
+        self.want_promote = None;
         let was_just_created = self.sb.gen.current == uuid::UUID_JUST_CREATED;
         if !self.replicating() || was_just_created {
             let fresh = self.rng.next_u64();
             self.sb.gen.new_current(fresh);
+            self.sb.gen_term = self.sb.term;
         }
         self.role = Role::Primary;
         self.sb.set(meta::FLAG_PRIMARY_ACTIVE, true);
@@ -1078,6 +1487,408 @@ impl Resource {
                 disk: self.disk_state().code(),
             });
         }
+    }
+
+    // ----- quorum and the witness ----------------------------------------------------
+
+    /// The witness's answer to the request of the last [`Action::Witness`]; `None` when
+    /// it did not come within the timeout.
+    pub fn handle_witness_reply(&mut self, now: Instant, reply: Option<witness::Reply>) {
+        self.now = now;
+        let Some((op, sent_at)) = self.wl.in_flight.take() else {
+            return;
+        };
+        match reply {
+            None => {
+                if self.wl.reachable {
+                    tracing::warn!(resource = %self.p.resource, "witness unreachable");
+                }
+                self.wl.reachable = false;
+                self.wl.next_at = self
+                    .wl
+                    .next_at
+                    .min(now.plus_ms((self.p.lease_ms / 10).max(10)));
+                if op == WitnessOp::Promote && self.role != Role::Primary {
+                    self.set_promote_uncertain(true);
+                    self.promote_refused("the witness did not answer".into(), false);
+                }
+            }
+            Some(r) => {
+                if !self.wl.reachable {
+                    tracing::info!(resource = %self.p.resource, term = r.term, "witness reachable");
+                }
+                self.wl.reachable = true;
+                self.wl.last_reply = Some(now);
+                self.wl.primary = r.primary.clone();
+                self.wl.up_to_date = r.up_to_date.clone();
+                // Requests are handled in order, so this reply reflects every earlier one.
+                self.wl.peer_maybe_up_to_date =
+                    r.up_to_date.is_empty() || r.up_to_date.contains(&self.p.peer_node);
+                match op {
+                    WitnessOp::Promote if r.granted => {
+                        self.promoted_by_witness(r.term, sent_at, r.lease_ms)
+                    }
+                    WitnessOp::Promote => {
+                        let me = &self.p.local_node;
+                        let outdated = !r.up_to_date.is_empty() && !r.up_to_date.contains(me);
+                        self.promote_refused(
+                            format!("the witness refused: {}", r.reason),
+                            outdated,
+                        );
+                    }
+                    WitnessOp::Renew if r.granted && r.term == self.sb.term => {
+                        self.votes.peer_counts = true;
+                        let until = witness::lease_deadline(
+                            sent_at,
+                            r.lease_ms,
+                            quorum::LEASE_DRIFT_PERMILLE,
+                        );
+                        let old = self.votes.lease_until;
+                        self.votes.lease_until = Some(old.map_or(until, |t| t.max(until)));
+                    }
+                    WitnessOp::Outdate if r.granted => {
+                        tracing::info!(resource = %self.p.resource, peer = %self.p.peer_node, "the witness recorded the peer as outdated");
+                    }
+                    WitnessOp::Release => self.wl.release_pending = false,
+                    _ if !r.granted => {
+                        tracing::debug!(resource = %self.p.resource, ?op, reason = %r.reason, "witness refused")
+                    }
+                    _ => {}
+                }
+                self.adopt_term(r.term, "the witness");
+                if self.promote_uncertain {
+                    // This reply is newer than the unanswered promotion: if that was
+                    // granted, the witness says so now; otherwise it never will be.
+                    if r.primary == self.p.local_node
+                        && self.want_promote.is_none()
+                        && self.role != Role::Primary
+                    {
+                        tracing::warn!(resource = %self.p.resource, term = r.term, "an unanswered promotion was granted after all; handing the term back");
+                        self.wl.release_pending = true;
+                    }
+                    self.set_promote_uncertain(false);
+                }
+                self.check_outdated_by_witness();
+            }
+        }
+        self.witness_tick(false);
+        self.check_gate();
+    }
+
+    /// Send the next request to the witness if none is in flight. `periodic`: the
+    /// renewal or query timer fired.
+    fn witness_tick(&mut self, periodic: bool) {
+        if !self.p.witness || self.wl.in_flight.is_some() {
+            return;
+        }
+        if self.want_promote.is_some_and(|w| !w.manual) && !self.auto_promote_possible() {
+            self.want_promote = None;
+        }
+        let peer = self.p.peer_node.clone();
+        let renew_due = periodic
+            || self
+                .votes
+                .lease_until
+                .is_none_or(|t| t.ms_since(self.now) < self.p.lease_ms * 2 / 3);
+        let (op, peer) = if self.role != Role::Primary && self.want_promote.is_some() {
+            (WitnessOp::Promote, String::new())
+        } else if self.role != Role::Primary && self.promote_uncertain {
+            (WitnessOp::Query, String::new())
+        } else if self.role == Role::Primary && !self.forced {
+            if self.fence_needed() {
+                (WitnessOp::Outdate, peer)
+            } else if self.peer_needs_uptodate() {
+                (WitnessOp::UpToDate, peer)
+            } else if renew_due {
+                (WitnessOp::Renew, String::new())
+            } else {
+                return;
+            }
+        } else if self.wl.release_pending {
+            (WitnessOp::Release, String::new())
+        } else if periodic {
+            (WitnessOp::Query, String::new())
+        } else {
+            return;
+        };
+        if op == WitnessOp::Renew {
+            self.wl.next_at = self.now.plus_ms(self.p.lease_ms / 3);
+        }
+        if op == WitnessOp::UpToDate {
+            self.wl.peer_maybe_up_to_date = true;
+        }
+        self.wl.in_flight = Some((op, self.now));
+        self.witness_seq += 1;
+        self.actions.push_back(Action::Witness {
+            req: witness::Request {
+                op,
+                resource: self.p.resource.clone(),
+                term: self.sb.term,
+                peer,
+                uptodate: self.disk_state() == DiskState::UpToDate,
+                seq: self.witness_seq,
+            },
+            timeout_ms: (self.p.lease_ms / 4).max(20),
+        });
+    }
+
+    fn set_promote_uncertain(&mut self, on: bool) {
+        if on == self.promote_uncertain {
+            return;
+        }
+        self.promote_uncertain = on;
+        if on {
+            tracing::warn!(resource = %self.p.resource, "promotion request unanswered: keeping away from the peer until the witness answers");
+            if self.connected() {
+                self.forget_peer(Conn::Connecting);
+                self.actions.push_back(Action::Disconnect {
+                    reason: "promotion outcome unknown".into(),
+                });
+            }
+            if self.conn == Conn::Connecting {
+                self.actions.push_back(Action::SetConnect(false));
+            }
+        } else if self.conn == Conn::Connecting {
+            self.actions.push_back(Action::SetConnect(true));
+        }
+    }
+
+    /// Resource-level fencing: a primary whose writes do not all reach the peer
+    /// completes nothing until the witness no longer counts the peer as up to date, or
+    /// the peer could be promoted without them. Not while the peer is a sync target: it
+    /// receives every new write, and an inconsistent disk is never promoted.
+    fn fence_needed(&self) -> bool {
+        self.role == Role::Primary
+            && self.p.witness
+            && !self.forced
+            && self.p.fencing != Fencing::None
+            && !self.replicating()
+            && self.wl.peer_maybe_up_to_date
+    }
+
+    fn peer_needs_uptodate(&self) -> bool {
+        self.conn == Conn::Established
+            && self.peer_disk == DiskState::UpToDate
+            && self.wl.last_reply.is_some()
+            && !self.wl.up_to_date.contains(&self.p.peer_node)
+    }
+
+    fn auto_promote_possible(&self) -> bool {
+        self.p.witness
+            && self.p.auto_promote
+            && self.role == Role::Secondary
+            && self.disk_state() == DiskState::UpToDate
+            && !self.split_brain
+            && (!self.connected()
+                || (self.conn == Conn::Established && self.peer_role == Role::Secondary))
+    }
+
+    fn promoted_by_witness(&mut self, term: u64, sent_at: Instant, lease_ms: u64) {
+        let want = self.want_promote.take();
+        let manual = want.is_some_and(|w| w.manual);
+        if term > self.sb.term {
+            self.sb.term = term;
+            self.term_persist = true;
+        }
+        self.votes.lease_until = Some(witness::lease_deadline(
+            sent_at,
+            lease_ms,
+            quorum::LEASE_DRIFT_PERMILLE,
+        ));
+        self.votes.peer_counts = true;
+        self.forced = false;
+        let out = if self.role == Role::Primary {
+            Ok(())
+        } else {
+            self.promote(false)
+        };
+        match out {
+            Ok(()) => {
+                tracing::info!(resource = %self.p.resource, term, manual, "promoted by the witness");
+                if manual {
+                    self.actions.push_back(Action::AdminDone(Ok(())));
+                }
+            }
+            Err(e) => {
+                // Granted, but the node changed meanwhile: hand the term back.
+                tracing::warn!(resource = %self.p.resource, term, error = %e, "granted promotion not taken");
+                self.wl.release_pending = true;
+                self.votes.lease_until = None;
+                if manual {
+                    self.actions
+                        .push_back(Action::AdminDone(Err(e.to_string())));
+                }
+            }
+        }
+        // The new term reaches the disk before any write of it.
+        self.persist_superblock();
+    }
+
+    fn promote_refused(&mut self, why: String, outdated: bool) {
+        let Some(w) = self.want_promote else {
+            return;
+        };
+        let retry = !outdated
+            && self.role != Role::Primary
+            && if w.manual {
+                self.now < w.give_up_at
+            } else {
+                self.auto_promote_possible()
+            };
+        if retry {
+            self.wl.next_at = self.now.plus_ms((self.p.lease_ms / 6).max(10));
+            return;
+        }
+        self.want_promote = None;
+        if w.manual {
+            self.actions.push_back(Action::AdminDone(Err(why)));
+        } else {
+            tracing::warn!(resource = %self.p.resource, reason = %why, "automatic promotion refused");
+        }
+    }
+
+    /// A disconnected up-to-date secondary that the witness no longer counts as up to
+    /// date was outdated by its primary: it says so and refuses automatic promotion.
+    fn check_outdated_by_witness(&mut self) {
+        let me = &self.p.local_node;
+        if self.role == Role::Primary
+            || self.connected()
+            || self.disk_state() != DiskState::UpToDate
+            || self.wl.up_to_date.is_empty()
+            || self.wl.up_to_date.contains(me)
+        {
+            return;
+        }
+        tracing::warn!(
+            resource = %self.p.resource,
+            up_to_date = ?self.wl.up_to_date,
+            "the witness records this node as outdated: it will not be promoted automatically"
+        );
+        self.sb.set(meta::FLAG_OUTDATED, true);
+        self.persist_superblock();
+        self.want_promote = self.want_promote.filter(|w| w.manual);
+    }
+
+    /// Adopt a newer term seen on the wire or at the witness; a primary of an older term
+    /// has been replaced and steps down.
+    fn adopt_term(&mut self, term: u64, from: &str) {
+        if term <= self.sb.term {
+            return;
+        }
+        tracing::info!(resource = %self.p.resource, old = self.sb.term, new = term, "newer term from {from}");
+        self.sb.term = term;
+        self.term_persist = true;
+        self.persist_superblock();
+        if self.role == Role::Primary {
+            if self.forced {
+                tracing::error!(resource = %self.p.resource, term, "a newer term exists, but this node was promoted with --force and stays primary");
+            } else {
+                self.step_down(format!("replaced by the primary of term {term}"));
+            }
+        }
+    }
+
+    /// A newer primary exists: fail what is held and become secondary (DRBD's
+    /// `on-suspended-primary-outdated force-secondary`), so that the node can rejoin as
+    /// sync target.
+    fn step_down(&mut self, reason: String) {
+        tracing::error!(resource = %self.p.resource, %reason, "stepping down");
+        self.last_error = Some(reason);
+        self.role = Role::Secondary;
+        self.sb.set(meta::FLAG_PRIMARY_ACTIVE, false);
+        self.persist_dirty_pages();
+        self.persist_superblock();
+        self.actions.push_back(Action::RoleChanged(Role::Secondary));
+        self.leave_primary();
+        self.wl.release_pending = false;
+        self.fail_pending();
+        let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
+        for req in reqs {
+            self.try_complete(req);
+        }
+        self.check_flushes();
+        self.send_state();
+    }
+
+    fn leave_primary(&mut self) {
+        if self.p.witness && !self.forced {
+            self.wl.release_pending = true;
+        }
+        self.forced = false;
+        self.votes.lease_until = None;
+        self.witness_tick(false);
+    }
+
+    fn fail_pending(&mut self) {
+        for p in std::mem::take(&mut self.pending) {
+            match p {
+                Pending::Write(req) => {
+                    if self.writes.remove(&req).is_some() {
+                        self.actions.push_back(Action::CompleteWrite {
+                            req,
+                            result: Err(ReqError::Io),
+                        });
+                        self.actions.push_back(Action::ReleaseBuf(BufId(req.0)));
+                    }
+                }
+                Pending::Flush(req) => {
+                    if self.flushes.remove(&req).is_some() {
+                        self.actions.push_back(Action::CompleteFlush {
+                            req,
+                            result: Err(ReqError::Io),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// A primary whose votes have all run out stops counting its peer until the witness
+    /// renews its lease (see [`Votes::peer_counts`]).
+    fn note_quorum_loss(&mut self) {
+        if self.role == Role::Primary
+            && self.p.witness
+            && !self.forced
+            && self.votes.peer_counts
+            && !self.votes.quorum(self.now)
+        {
+            self.votes.peer_counts = false;
+        }
+    }
+
+    /// React when what application I/O may do has changed: release held I/O, or fail it.
+    fn check_gate(&mut self) {
+        self.note_quorum_loss();
+        let g = self.gate();
+        if g == self.gate_was {
+            return;
+        }
+        let was = std::mem::replace(&mut self.gate_was, g);
+        if self.role == Role::Primary {
+            match g {
+                Gate::Suspend | Gate::Fail => tracing::error!(
+                    resource = %self.p.resource,
+                    term = self.sb.term,
+                    policy = ?self.p.on_no_quorum,
+                    "quorum lost: neither an answered ping from the peer nor a lease; I/O {}",
+                    if g == Gate::Fail { "fails" } else { "suspended" }
+                ),
+                Gate::HoldCompletion => tracing::warn!(
+                    resource = %self.p.resource,
+                    "peer lost: writes wait until the witness records it as outdated"
+                ),
+                Gate::Open if was != Gate::Open => {
+                    tracing::info!(resource = %self.p.resource, term = self.sb.term, "quorum: I/O resumes")
+                }
+                Gate::Open => {}
+            }
+        }
+        self.pump();
+        let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
+        for req in reqs {
+            self.try_complete(req);
+        }
+        self.check_flushes();
     }
 
     // ----- connection ----------------------------------------------------------------
@@ -1119,6 +1930,11 @@ impl Resource {
         // Only losing an up-to-date peer starts a new generation; a sync target was not
         // consistent anyway and the bitmap keeps counting for it.
         let was_replicating = self.conn == Conn::Established;
+        if self.peer_role == Role::Primary && self.role == Role::Secondary {
+            self.primary_lost_at = Some(self.last_rx);
+        }
+        self.votes.peer_fresh_until = None;
+        self.pings_sent.clear();
         self.conn = next;
         for (_, req) in std::mem::take(&mut self.seq_to_req) {
             if let Some(w) = self.writes.get_mut(&req) {
@@ -1163,15 +1979,21 @@ impl Resource {
             // Writing without the peer from now on: a new data generation.
             let fresh = self.rng.next_u64();
             self.sb.gen.new_current(fresh);
+            self.sb.gen_term = self.sb.term;
             self.persist_superblock();
         }
         self.check_flushes();
+        self.witness_tick(false);
     }
 
-    fn on_hello(&mut self, h: Hello) {
+    fn on_hello(&mut self, h: Hello, peer_term: u64) {
         if self.conn != Conn::WfHello {
             return self.protocol_error("unexpected hello", None);
         }
+        let my_term = self.sb.gen_term;
+        let peer_term_raw = peer_term;
+        let peer_term = h.gen_term;
+        self.peer_gen_term = h.gen_term;
         if h.version != wire::PROTOCOL_VERSION {
             return self.go_standalone(format!(
                 "peer speaks protocol version {}, this node {}",
@@ -1209,6 +2031,12 @@ impl Resource {
         } else {
             DiskState::UpToDate
         };
+        if peer_primary {
+            self.primary_lost_at = None;
+        }
+        // A newer term on the peer: adopt it first. A primary of an older term learns
+        // here that it has been replaced and steps down.
+        self.adopt_term(peer_term_raw, "the peer's hello");
         let local = UuidView {
             gen: self.sb.gen,
             crashed_primary: self.sb.has(meta::FLAG_CRASHED_PRIMARY),
@@ -1229,13 +2057,36 @@ impl Resource {
         } else {
             let tie = self.p.local_node < self.p.peer_node;
             let (d, r) = uuid::compare(&local, &peer, tie);
-            (d, r.name())
+            match d {
+                // Both changed the data, but only one held the witness's newer term: the
+                // other's changes since the split were never completed under quorum
+                // (protocol C fencing) or are the accepted loss of an asynchronous
+                // protocol. The older term becomes the sync target.
+                SyncDecision::SplitBrain if peer_term > my_term => {
+                    (SyncDecision::TargetUseBitmap, "older-term")
+                }
+                SyncDecision::SplitBrain if peer_term < my_term => {
+                    (SyncDecision::SourceUseBitmap, "newer-term")
+                }
+                d => (d, r.name()),
+            }
         };
         tracing::info!(
             resource = %self.p.resource,
             "uuid_compare()={decision:?} by rule={rule} (local {:016X}/{:016X}, peer {:016X}/{:016X})",
             local.gen.current, local.gen.bitmap, peer.gen.current, peer.gen.bitmap
         );
+        if self.role == Role::Primary
+            && peer_primary
+            && peer_term_raw < self.sb.term
+            && !self.forced
+        {
+            // It steps down when it reads this node's hello; try again then.
+            return self.drop_connection(format!(
+                "peer is a stale primary of term {peer_term_raw} (this node: term {})",
+                self.sb.term
+            ));
+        }
         if self.role == Role::Primary && peer_primary {
             self.split_brain = true;
             return self
@@ -1245,6 +2096,12 @@ impl Resource {
             SyncDecision::NoSync => {
                 self.discard_my_data = false;
                 self.conn = Conn::Established;
+                if self.disk_state() == DiskState::Outdated && self.peer_disk == DiskState::UpToDate
+                {
+                    // Same generation as an up-to-date peer: the same data.
+                    self.sb.set(meta::FLAG_OUTDATED, false);
+                    self.persist_superblock();
+                }
                 self.last_error = None;
                 self.send_state();
                 self.pump();
@@ -1322,6 +2179,7 @@ impl Resource {
             };
             self.send_state();
         }
+        self.term_persist = false;
         self.pump();
         self.pump_peer();
         self.pump_resync();
@@ -1390,6 +2248,14 @@ impl Resource {
 
     /// Move queued writes and flushes forward, in order.
     fn pump(&mut self) {
+        if self.pending.is_empty() || (self.term_persist && self.meta_busy()) {
+            return;
+        }
+        match self.gate() {
+            Gate::Open | Gate::HoldCompletion => {}
+            Gate::Suspend => return,
+            Gate::Fail => return self.fail_pending(),
+        }
         while let Some(&front) = self.pending.front() {
             if self.meta_busy() {
                 return;
@@ -1530,6 +2396,9 @@ impl Resource {
         self.check_flushes();
         self.pump();
         self.pump_resync();
+        if self.role != Role::Primary {
+            self.pump_peer();
+        }
     }
 
     fn peer_ack(&mut self, seq: u64, state: PeerState) {
@@ -1549,6 +2418,7 @@ impl Resource {
 
     fn try_complete(&mut self, req: ReqId) {
         let protocol = self.p.protocol;
+        let gate = self.gate();
         let Some(w) = self.writes.get_mut(&req) else {
             return;
         };
@@ -1558,9 +2428,14 @@ impl Resource {
                 PeerState::Received => protocol != Protocol::C,
                 PeerState::Sent => protocol == Protocol::A,
             };
-            if peer_ok || w.local_failed {
+            let (complete, fail) = match gate {
+                Gate::Open => (peer_ok, false),
+                Gate::HoldCompletion | Gate::Suspend => (false, false),
+                Gate::Fail => (true, true),
+            };
+            if complete || w.local_failed {
                 w.completed = true;
-                let result = if w.local_failed {
+                let result = if w.local_failed || fail {
                     Err(ReqError::Io)
                 } else {
                     Ok(())
@@ -1589,6 +2464,7 @@ impl Resource {
     }
 
     fn check_flushes(&mut self) {
+        let gate = self.gate();
         let oldest_pending_epoch = self.local_pending_by_epoch.keys().next().copied();
         let mut done = Vec::new();
         let mut to_issue = Vec::new();
@@ -1600,8 +2476,10 @@ impl Resource {
                 to_issue.push(req);
             }
             let peer_ok = !f.peer_needed || self.peer_acked_epoch.is_some_and(|e| e >= f.epoch);
-            if f.local_done && peer_ok {
-                done.push((req, f.local_failed));
+            match gate {
+                Gate::Open if f.local_done && peer_ok => done.push((req, f.local_failed)),
+                Gate::Fail if f.local_done => done.push((req, true)),
+                _ => {}
             }
         }
         for req in to_issue {
@@ -1636,6 +2514,11 @@ impl Resource {
         if self.meta_busy()
             || matches!(self.conn, Conn::WfBitmap { .. } | Conn::SyncStarting { .. })
         {
+            return;
+        }
+        // A primary that just stepped down may still have its own writes on the way to
+        // the disk; the peer's blocks must land after them.
+        if self.writes.values().any(|w| w.submitted && !w.local_done) {
             return;
         }
         let mut issue = Vec::new();
@@ -1799,6 +2682,7 @@ impl Resource {
     }
 
     fn send_with(&mut self, msg: Msg, buf: Option<BufId>) {
-        self.actions.push_back(Action::Send { msg, buf });
+        let term = self.sb.term;
+        self.actions.push_back(Action::Send { msg, buf, term });
     }
 }

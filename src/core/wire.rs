@@ -1,7 +1,9 @@
 //! The peer wire protocol: frames and messages (see `docs/wire-protocol.md`).
 //!
-//! A frame is a 20-byte header (magic, kind, fields length, data length, CRC32 over
-//! header, fields and data), the message's fields, then any block data. Block data is
+//! A frame is a 28-byte header (magic, kind, fields length, data length, the sender's
+//! term, CRC32 over header, fields and data), the message's fields, then any block data.
+//! The term is the fencing token: every replication message carries it, so a receiver
+//! can refuse anything from an older term. Block data is
 //! carried apart from the fields so that a receiver can read it straight into an aligned
 //! buffer and hand it to the disk without a copy.
 
@@ -9,8 +11,8 @@ use crate::core::uuid::{Generation, HISTORY_LEN};
 use crate::core::witness;
 
 pub const FRAME_MAGIC: u32 = 0x4D44_4E54; // "TNDM"
-pub const PROTOCOL_VERSION: u32 = 1;
-pub const HEADER_BYTES: usize = 20;
+pub const PROTOCOL_VERSION: u32 = 2;
+pub const HEADER_BYTES: usize = 28;
 pub const MAX_FIELDS_BYTES: u32 = 64 * 1024;
 pub const MAX_DATA_BYTES: u32 = 1024 * 1024;
 
@@ -44,6 +46,9 @@ pub struct Hello {
     pub block_bytes: u64,
     pub gen: Generation,
     pub flags: u32,
+    /// The term in which the sender's current data generation began: after a split,
+    /// the generation of the older term yields.
+    pub gen_term: u64,
 }
 
 pub const HELLO_CRASHED_PRIMARY: u32 = 1;
@@ -198,6 +203,7 @@ impl Msg {
                 e.u64(h.block_bytes);
                 e.gen(&h.gen);
                 e.u32(h.flags);
+                e.u64(h.gen_term);
             }
             Msg::BitmapRuns { runs } => {
                 e.u32(runs.len() as u32);
@@ -241,6 +247,7 @@ impl Msg {
                 e.u64(r.term);
                 e.str(&r.peer);
                 e.u8(r.uptodate as u8);
+                e.u64(r.seq);
             }
             Msg::WitnessReply(r) => {
                 e.u8(r.granted as u8);
@@ -257,8 +264,9 @@ impl Msg {
         }
     }
 
-    /// Encode header and fields; the caller sends `data_len()` bytes of data after them.
-    pub fn encode(&self, data: &[u8]) -> Vec<u8> {
+    /// Encode header and fields, stamped with the sender's `term`; the caller sends
+    /// `data_len()` bytes of data after them.
+    pub fn encode(&self, term: u64, data: &[u8]) -> Vec<u8> {
         let mut e = Enc(Vec::with_capacity(64));
         e.0.resize(HEADER_BYTES, 0);
         self.encode_fields(&mut e);
@@ -268,12 +276,13 @@ impl Msg {
         b[4] = self.kind();
         b[8..12].copy_from_slice(&fields_len.to_le_bytes());
         b[12..16].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        b[16..24].copy_from_slice(&term.to_le_bytes());
         let mut h = crc32fast::Hasher::new();
-        h.update(&b[0..16]);
+        h.update(&b[0..24]);
         h.update(&b[HEADER_BYTES..]);
         h.update(data);
         let crc = h.finalize();
-        b[16..20].copy_from_slice(&crc.to_le_bytes());
+        b[24..28].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -303,6 +312,7 @@ impl Msg {
                 block_bytes: d.u64("hello")?,
                 gen: d.gen("hello")?,
                 flags: d.u32("hello")?,
+                gen_term: d.u64("hello")?,
             }),
             11 => {
                 let n = d.u32("bitmap")? as usize;
@@ -356,6 +366,7 @@ impl Msg {
                 term: d.u64("witness request")?,
                 peer: d.str("witness request")?,
                 uptodate: d.u8("witness request")? != 0,
+                seq: d.u64("witness request")?,
             }),
             31 => {
                 let granted = d.u8("witness reply")? != 0;
@@ -393,8 +404,10 @@ pub struct FrameHeader {
     pub kind: u8,
     pub fields_len: u32,
     pub data_len: u32,
+    /// The sender's term when it sent the frame.
+    pub term: u64,
     pub crc: u32,
-    raw: [u8; 16],
+    raw: [u8; 24],
 }
 
 impl FrameHeader {
@@ -408,13 +421,16 @@ impl FrameHeader {
         if fields_len > MAX_FIELDS_BYTES || data_len > MAX_DATA_BYTES {
             return Err(WireError::TooLarge(fields_len, data_len));
         }
-        let mut raw = [0u8; 16];
-        raw.copy_from_slice(&b[..16]);
+        let mut raw = [0u8; 24];
+        raw.copy_from_slice(&b[..24]);
+        let mut term = [0u8; 8];
+        term.copy_from_slice(&b[16..24]);
         Ok(FrameHeader {
             kind: b[4],
             fields_len,
             data_len,
-            crc: u32_at(16),
+            term: u64::from_le_bytes(term),
+            crc: u32_at(24),
             raw,
         })
     }
@@ -434,6 +450,12 @@ impl FrameHeader {
 
 /// A decoded frame: message, its block data, bytes used.
 pub type DecodedFrame<'a> = (Msg, &'a [u8], usize);
+
+/// The term a decoded frame's header carries (tests, fuzzing).
+pub fn frame_term(b: &[u8]) -> Option<u64> {
+    let t: [u8; 8] = b.get(16..24)?.try_into().ok()?;
+    Some(u64::from_le_bytes(t))
+}
 
 /// Decode one whole frame from a byte slice (tests, fuzzing). Returns the message, its
 /// data and the number of bytes used.

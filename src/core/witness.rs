@@ -55,6 +55,10 @@ pub struct Request {
     pub term: u64,
     pub peer: String,
     pub uptodate: bool,
+    /// Increases with every request a node process sends (0: unordered, for tools). The
+    /// witness refuses a request numbered at or below one it already handled from that
+    /// node: a request the node gave up on may still be read after a newer one.
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -91,6 +95,9 @@ pub struct Witness {
     state: BTreeMap<String, ResourceState>,
     /// Lease expiry per resource, on the witness's clock.
     leases: HashMap<String, Instant>,
+    /// Highest request number handled per (resource, node). Not stored: a restart ends
+    /// every connection, so no request from before it can still arrive.
+    last_seq: HashMap<(String, String), u64>,
 }
 
 impl Witness {
@@ -100,6 +107,7 @@ impl Witness {
             grace_until: now.plus_ms(lease_ms),
             state,
             leases: HashMap::new(),
+            last_seq: HashMap::new(),
         }
     }
 
@@ -113,6 +121,25 @@ impl Witness {
     }
 
     pub fn handle(&mut self, now: Instant, node: &str, req: &Request) -> Outcome {
+        if req.seq > 0 {
+            let key = (req.resource.clone(), node.to_string());
+            let last = self.last_seq.get(&key).copied().unwrap_or(0);
+            if req.seq <= last {
+                let st = self.state.get(&req.resource).cloned().unwrap_or_default();
+                return Outcome {
+                    reply: Reply {
+                        granted: false,
+                        term: st.term,
+                        primary: st.primary.unwrap_or_default(),
+                        up_to_date: st.up_to_date.into_iter().collect(),
+                        reason: format!("stale request {} (already handled {last})", req.seq),
+                        ..Reply::default()
+                    },
+                    persist: false,
+                };
+            }
+            self.last_seq.insert(key, req.seq);
+        }
         let in_grace = now < self.grace_until;
         let grace_left = self.grace_until.ms_since(now);
         let live = self.lease_live(&req.resource, now);
@@ -182,6 +209,16 @@ impl Witness {
                 reply,
                 format!("witness restarted: no promotion for another {grace_left} ms"),
             ),
+            // The primary of record asking again (a repeated or late request, or a
+            // restart within its lease): nobody else can hold its term, so it keeps it.
+            // Granting a new term here would replace the node by itself.
+            Op::Promote if st.primary.as_deref() == Some(node) && st.term > 0 && req.uptodate => {
+                self.leases
+                    .insert(req.resource.clone(), now.plus_ms(lease_ms));
+                reply.granted = true;
+                reply.lease_ms = lease_ms;
+                reply
+            }
             Op::Promote if live && st.primary.as_deref() != Some(node) => refuse(
                 reply,
                 format!(

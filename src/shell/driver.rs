@@ -15,6 +15,11 @@
 //! Peer connections: two TCP connections per peer, `data` (writes, resync) and `meta`
 //! (acks, pings), so that acknowledgements never wait behind bulk data. The node whose
 //! name sorts first dials, with backoff; the other accepts.
+//!
+//! The witness: one task per resource keeps an authenticated connection and carries the
+//! core's requests, one at a time, each answered within its timeout or reported as
+//! unanswered (and the connection dropped, so that a late reply cannot be taken for the
+//! next request's).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,9 +35,10 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::core::resource::{
-    Action, AdminCmd, BufId, IoId, ReqError, ReqId, Resource, Role, StateKey,
+    Action, AdminCmd, AdminReply, BufId, IoId, ReqError, ReqId, Resource, Role, StateKey,
 };
 use crate::core::wire::{Channel, Msg};
+use crate::core::witness;
 use crate::core::Instant;
 use crate::shell::control::Reply;
 use crate::shell::disk::{AlignedBuf, Completion, Disk, DiskOp, Ring};
@@ -67,9 +73,12 @@ pub enum Event {
     },
     PeerMsg {
         conn: u64,
+        term: u64,
         msg: Msg,
         data: Option<AlignedBuf>,
     },
+    /// The witness answered the core's request (`None`: no answer in time).
+    WitnessReply(Option<witness::Reply>),
     /// A connection ended; `eof` when the peer closed it cleanly.
     PeerDown {
         conn: u64,
@@ -153,6 +162,7 @@ pub struct PeerSetup {
     pub peer_node: String,
     pub peer_addr: std::net::SocketAddr,
     pub secret: Arc<Vec<u8>>,
+    pub witness_addr: Option<std::net::SocketAddr>,
 }
 
 pub struct Setup {
@@ -222,6 +232,11 @@ struct Driver {
     loop_dev: Option<PathBuf>,
     device_busy: bool,
     shutdown: Option<oneshot::Sender<()>>,
+    witness_tx: Option<mpsc::UnboundedSender<(witness::Request, u64)>>,
+    /// The reply of the admin command being handled, for the device steps it causes.
+    admin_reply: Option<oneshot::Sender<Reply>>,
+    /// A promotion waiting for the witness.
+    promote_reply: Option<oneshot::Sender<Reply>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +315,18 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
     )?;
     frontend::remove_link(&s.link);
     let dialer = s.peer.local_node < s.peer.peer_node;
+    let witness_tx = s.peer.witness_addr.map(|addr| {
+        let (wtx, wrx) = mpsc::unbounded_channel();
+        let etx = tx.clone();
+        tokio::spawn(witness_task(
+            addr,
+            s.peer.secret.clone(),
+            s.peer.local_node.clone(),
+            wrx,
+            etx,
+        ));
+        wtx
+    });
     let d = Driver {
         name: name.clone(),
         core: s.core,
@@ -333,6 +360,9 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         loop_dev: None,
         device_busy: false,
         shutdown: None,
+        witness_tx,
+        admin_reply: None,
+        promote_reply: None,
     };
     std::thread::Builder::new()
         .name(format!("tandem-{name}"))
@@ -473,7 +503,13 @@ impl Driver {
                 }
                 self.maybe_dial();
             }
-            Event::PeerMsg { conn, msg, data } => {
+            Event::WitnessReply(r) => self.core.handle_witness_reply(now, r),
+            Event::PeerMsg {
+                conn,
+                term,
+                msg,
+                data,
+            } => {
                 if self.conn.as_ref().map(|c| c.id) != Some(conn) {
                     return;
                 }
@@ -483,7 +519,7 @@ impl Driver {
                     self.bufs.insert(id, Arc::new(d));
                     BufId(id)
                 });
-                self.core.handle_peer_message(now, msg, buf);
+                self.core.handle_peer_message(now, term, msg, buf);
             }
             Event::PeerDown { conn, reason, eof } => {
                 let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) else {
@@ -685,69 +721,111 @@ impl Driver {
                 }
             }
         }
-        let was = self.core.role();
-        if let Err(e) = self.core.handle_admin(now, cmd.clone()) {
-            let _ = reply.send(Reply::err(e.to_string()));
+        let msg = match &cmd {
+            AdminCmd::Promote { .. } => "already primary",
+            AdminCmd::Demote => "already secondary",
+            AdminCmd::Connect { discard_my_data } if *discard_my_data => {
+                "connecting; this node's changes will be discarded"
+            }
+            AdminCmd::Connect { .. } => "connecting",
+            AdminCmd::Disconnect => "disconnected",
+            AdminCmd::Invalidate => "invalidated: full resync from the peer",
+        };
+        self.admin_reply = Some(reply);
+        let out = self.core.handle_admin(now, cmd);
+        // A role change among the actions takes `admin_reply` for its device steps.
+        self.drain();
+        let reply = self.admin_reply.take();
+        match out {
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::err(e.to_string()));
+                }
+            }
+            Ok(AdminReply::Pending) => {
+                if let Some(r) = reply {
+                    self.promote_reply = Some(r);
+                }
+            }
+            Ok(AdminReply::Done) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::ok(msg));
+                }
+            }
+        }
+    }
+
+    /// The core changed role (an admin command, the witness, or a newer primary): attach
+    /// or detach the device, answering the admin command that caused it, if any.
+    fn on_role_changed(&mut self, role: Role) {
+        tracing::info!(resource = %self.name, ?role, "role changed");
+        let reply = self
+            .admin_reply
+            .take()
+            .or_else(|| self.promote_reply.take());
+        if self.shutdown.is_some() {
+            // Stopping: the run loop detaches the device itself once the core is idle.
             return;
         }
-        let role = self.core.role();
-        match (was, role) {
-            (Role::Primary, Role::Primary) | (Role::Secondary, Role::Secondary) => {
-                let msg = match cmd {
-                    AdminCmd::Promote { .. } => "already primary".to_string(),
-                    AdminCmd::Demote => "already secondary".to_string(),
-                    AdminCmd::Connect { discard_my_data } if discard_my_data => {
-                        "connecting; this node's changes will be discarded".to_string()
-                    }
-                    AdminCmd::Connect { .. } => "connecting".to_string(),
-                    AdminCmd::Disconnect => "disconnected".to_string(),
-                    AdminCmd::Invalidate => "invalidated: full resync from the peer".to_string(),
-                };
-                let _ = reply.send(Reply::ok(msg));
+        if role == Role::Primary {
+            self.fuse.set_writable(true);
+            if self.loop_dev.is_some() {
+                // Still attached from a step-down whose device was in use.
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::ok(format!(
+                        "primary; device {}",
+                        self.link.display()
+                    )));
+                }
+                return;
             }
-            (_, Role::Primary) => {
-                self.fuse.set_writable(true);
+            self.device_busy = true;
+            let file = self.fuse.file.clone();
+            let tx = self.tx.clone();
+            let link = self.link.clone();
+            std::thread::spawn(move || {
+                let attached = frontend::attach_loop(&file).map_err(|e| e.to_string());
+                let message = format!("primary; device {}", link.display());
+                let _ = tx.send(Event::DeviceDone {
+                    attached: Some(attached),
+                    reply,
+                    message,
+                });
+            });
+            return;
+        }
+        self.fuse.set_writable(false);
+        if let Some(dev) = &self.loop_dev {
+            if frontend::in_use(dev) {
+                // A step-down forced by a newer primary: the users see I/O errors; the
+                // device goes once they let go and the node is demoted or promoted again.
+                tracing::error!(resource = %self.name, device = %dev.display(), "stepped down while the device is in use: its users get I/O errors; unmount it");
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::ok("secondary; the device is still in use"));
+                }
+                return;
+            }
+        }
+        frontend::remove_link(&self.link);
+        match self.loop_dev.take() {
+            Some(dev) => {
                 self.device_busy = true;
-                let file = self.fuse.file.clone();
                 let tx = self.tx.clone();
-                let link = self.link.clone();
-                let forced = matches!(cmd, AdminCmd::Promote { force: true });
                 std::thread::spawn(move || {
-                    let attached = frontend::attach_loop(&file).map_err(|e| e.to_string());
-                    let message = format!(
-                        "primary{}; device {}",
-                        if forced { " (forced)" } else { "" },
-                        link.display()
-                    );
+                    let message = match frontend::detach_loop(&dev) {
+                        Ok(()) => "secondary".to_string(),
+                        Err(e) => format!("secondary; detaching {}: {e}", dev.display()),
+                    };
                     let _ = tx.send(Event::DeviceDone {
-                        attached: Some(attached),
-                        reply: Some(reply),
+                        attached: None,
+                        reply,
                         message,
                     });
                 });
             }
-            (_, _) => {
-                self.fuse.set_writable(false);
-                frontend::remove_link(&self.link);
-                match self.loop_dev.take() {
-                    Some(dev) => {
-                        self.device_busy = true;
-                        let tx = self.tx.clone();
-                        std::thread::spawn(move || {
-                            let message = match frontend::detach_loop(&dev) {
-                                Ok(()) => "secondary".to_string(),
-                                Err(e) => format!("secondary; detaching {}: {e}", dev.display()),
-                            };
-                            let _ = tx.send(Event::DeviceDone {
-                                attached: None,
-                                reply: Some(reply),
-                                message,
-                            });
-                        });
-                    }
-                    None => {
-                        let _ = reply.send(Reply::ok("secondary"));
-                    }
+            None => {
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::ok("secondary"));
                 }
             }
         }
@@ -805,7 +883,7 @@ impl Driver {
                     },
                 );
             }
-            Action::Send { msg, buf } => {
+            Action::Send { msg, buf, term } => {
                 let Some(c) = &mut self.conn else { return };
                 let data = match buf {
                     Some(b) => match self.bufs.get(&b.0) {
@@ -818,7 +896,7 @@ impl Driver {
                     None => None,
                 };
                 let empty: &[u8] = &[];
-                let head = msg.encode(data.as_ref().map_or(empty, |d| d.as_slice()));
+                let head = msg.encode(term, data.as_ref().map_or(empty, |d| d.as_slice()));
                 let ch = match msg.channel() {
                     Channel::Data => 0,
                     Channel::Meta => 1,
@@ -853,9 +931,22 @@ impl Driver {
                     self.pending_data = None;
                 }
             }
-            Action::RoleChanged(role) => {
-                tracing::info!(resource = %self.name, ?role, "role changed");
+            Action::RoleChanged(role) => self.on_role_changed(role),
+            Action::AdminDone(result) => {
+                if let Some(r) = self.promote_reply.take() {
+                    let _ = r.send(match result {
+                        Ok(()) => Reply::ok("primary"),
+                        Err(e) => Reply::err(e),
+                    });
+                }
             }
+            Action::Witness { req, timeout_ms } => match &self.witness_tx {
+                Some(w) if w.send((req, timeout_ms)).is_ok() => {}
+                _ => {
+                    let now = self.now();
+                    self.core.handle_witness_reply(now, None);
+                }
+            },
         }
     }
 
@@ -945,8 +1036,13 @@ impl Driver {
                 let mut r = BufReader::with_capacity(64 << 10, r);
                 loop {
                     match net::read_frame(&mut r).await {
-                        Ok((msg, data)) => {
-                            if !tx.send(Event::PeerMsg { conn: id, msg, data }) {
+                        Ok(net::Frame { msg, term, data }) => {
+                            if !tx.send(Event::PeerMsg {
+                                conn: id,
+                                term,
+                                msg,
+                                data,
+                            }) {
                                 return;
                             }
                         }
@@ -1035,6 +1131,11 @@ impl Driver {
                     None => serde_json::Value::Null,
                 },
             );
+            if let Some(w) = self.peer.witness_addr {
+                if let Some(wv) = o.get_mut("witness").and_then(|w| w.as_object_mut()) {
+                    wv.insert("address".into(), serde_json::Value::String(w.to_string()));
+                }
+            }
             o.insert(
                 "backing_disk".into(),
                 serde_json::Value::String(self.disk_path.display().to_string()),
@@ -1072,6 +1173,55 @@ impl Driver {
             "status": self.status_json(),
         });
         let _ = self.events.send(ev.to_string());
+    }
+}
+
+/// Carry the core's witness requests, one at a time, over one authenticated connection
+/// that is opened on demand and dropped after any failure or timeout.
+async fn witness_task(
+    addr: std::net::SocketAddr,
+    secret: Arc<Vec<u8>>,
+    node: String,
+    mut rx: mpsc::UnboundedReceiver<(witness::Request, u64)>,
+    tx: EventTx,
+) {
+    let mut client: Option<net::WitnessClient> = None;
+    let mut failures = 0u64;
+    while let Some((req, timeout_ms)) = rx.recv().await {
+        let call = async {
+            if client.is_none() {
+                client = Some(net::WitnessClient::connect(addr, &secret, &node).await?);
+            }
+            match client.as_mut() {
+                Some(c) => c.call(req).await,
+                None => Err(net::NetError::Unexpected("no witness connection")),
+            }
+        };
+        let reply = match tokio::time::timeout(Duration::from_millis(timeout_ms), call).await {
+            Ok(Ok(r)) => {
+                failures = 0;
+                Some(r)
+            }
+            Ok(Err(e)) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(witness = %addr, error = %e, "witness request failed");
+                }
+                client = None;
+                None
+            }
+            Err(_) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(witness = %addr, timeout_ms, "witness did not answer in time");
+                }
+                client = None;
+                None
+            }
+        };
+        if !tx.send(Event::WitnessReply(reply)) {
+            return;
+        }
     }
 }
 

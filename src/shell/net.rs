@@ -53,9 +53,14 @@ pub fn random_nonce() -> io::Result<[u8; 32]> {
     Ok(n)
 }
 
-pub async fn read_frame<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<(Msg, Option<AlignedBuf>), NetError> {
+/// One frame as read: the message, the sender's term from its header, its block data.
+pub struct Frame {
+    pub msg: Msg,
+    pub term: u64,
+    pub data: Option<AlignedBuf>,
+}
+
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, NetError> {
     let mut h = [0u8; HEADER_BYTES];
     r.read_exact(&mut h).await?;
     let hdr = FrameHeader::decode(&h)?;
@@ -69,7 +74,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         None
     };
     hdr.check_crc(&fields, data.as_ref().map_or(&[][..], |d| d.as_slice()))?;
-    Ok((Msg::decode(&hdr, &fields)?, data))
+    Ok(Frame {
+        msg: Msg::decode(&hdr, &fields)?,
+        term: hdr.term,
+        data,
+    })
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(
@@ -80,7 +89,9 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     if data.len() as u32 != msg.data_len() {
         return Err(NetError::Wire(WireError::Malformed("data length of")));
     }
-    w.write_all(&msg.encode(data)).await?;
+    // Handshake and witness frames carry no term; replication frames are encoded by the
+    // driver with its own.
+    w.write_all(&msg.encode(0, data)).await?;
     if !data.is_empty() {
         w.write_all(data).await?;
     }
@@ -115,7 +126,7 @@ pub async fn connect(
         s.set_nodelay(true)?;
         let (c, challenge) = Connector::start(secret, nonce)?;
         write_frame(&mut s, &challenge, &[]).await?;
-        let (resp, _) = read_frame(&mut s).await?;
+        let resp = read_frame(&mut s).await?.msg;
         let proof = c.on_response(&resp)?;
         write_frame(&mut s, &proof, &[]).await?;
         let a = Msg::Attach {
@@ -136,20 +147,22 @@ pub async fn accept(mut s: TcpStream, secret: &[u8]) -> Result<(TcpStream, Attac
     timed(async {
         s.set_nodelay(true)?;
         let mut l = Listener::new(secret, nonce)?;
-        let (challenge, _) = read_frame(&mut s).await?;
+        let challenge = read_frame(&mut s).await?.msg;
         let resp = l.on_challenge(&challenge)?;
         write_frame(&mut s, &resp, &[]).await?;
-        let (proof, _) = read_frame(&mut s).await?;
+        let proof = read_frame(&mut s).await?.msg;
         l.on_proof(&proof)?;
         match read_frame(&mut s).await? {
-            (
-                Msg::Attach {
-                    resource,
-                    node,
-                    channel,
-                },
-                None,
-            ) => Ok(Attached {
+            Frame {
+                msg:
+                    Msg::Attach {
+                        resource,
+                        node,
+                        channel,
+                    },
+                data: None,
+                ..
+            } => Ok(Attached {
                 resource,
                 node,
                 channel,
@@ -194,7 +207,11 @@ impl WitnessClient {
     ) -> Result<crate::core::witness::Reply, NetError> {
         write_frame(&mut self.s, &Msg::WitnessRequest(req), &[]).await?;
         match read_frame(&mut self.s).await? {
-            (Msg::WitnessReply(r), None) => Ok(r),
+            Frame {
+                msg: Msg::WitnessReply(r),
+                data: None,
+                ..
+            } => Ok(r),
             _ => Err(NetError::Unexpected("instead of a witness reply")),
         }
     }
