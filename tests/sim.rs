@@ -1175,22 +1175,11 @@ impl Sim {
                 let done = idle
                     && self.primary().is_some()
                     && self.witness.as_ref().is_some_and(|w| w.up)
-                    && self.nodes.iter().all(|n| {
-                        n.res.as_ref().is_some_and(|r| {
-                            r.conn() == Conn::Established && r.is_idle() && r.bitmap().count() == 0
-                        })
-                    });
+                    && self.pair_in_sync();
                 if done {
                     return Ok(());
                 }
-                if self.now > deadline {
-                    let st: Vec<_> = self
-                        .nodes
-                        .iter()
-                        .map(|n| n.res.as_ref().map(|r| (r.status(), r.is_idle())))
-                        .collect();
-                    return Err(format!("no convergence after healing: {st:#?}"));
-                }
+                self.give_up_after(deadline)?;
                 self.advance();
                 continue;
             }
@@ -1207,25 +1196,33 @@ impl Sim {
                     }
                 }
             }
-            let done = self.app_in_flight == 0
-                && self.nodes.iter().all(|n| {
-                    n.res.as_ref().is_some_and(|r| {
-                        r.conn() == Conn::Established && r.is_idle() && r.bitmap().count() == 0
-                    })
-                });
-            if done && self.queue.is_empty() {
+            if self.app_in_flight == 0 && self.pair_in_sync() && self.queue.is_empty() {
                 return Ok(());
             }
-            if self.now > deadline {
-                let st: Vec<_> = self
-                    .nodes
-                    .iter()
-                    .map(|n| n.res.as_ref().map(|r| (r.status(), r.is_idle())))
-                    .collect();
-                return Err(format!("no convergence after healing: {st:#?}"));
-            }
+            self.give_up_after(deadline)?;
             self.advance();
         }
+    }
+
+    /// Both nodes connected, idle and without out-of-sync blocks.
+    fn pair_in_sync(&self) -> bool {
+        self.nodes.iter().all(|n| {
+            n.res.as_ref().is_some_and(|r| {
+                r.conn() == Conn::Established && r.is_idle() && r.bitmap().count() == 0
+            })
+        })
+    }
+
+    fn give_up_after(&self, deadline: u64) -> Result<(), String> {
+        if self.now <= deadline {
+            return Ok(());
+        }
+        let st: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|n| n.res.as_ref().map(|r| (r.status(), r.is_idle())))
+            .collect();
+        Err(format!("no convergence after healing: {st:#?}"))
     }
 
     fn check(&mut self) -> Result<(), String> {

@@ -1429,22 +1429,13 @@ impl Resource {
         if self.role == Role::Primary {
             return Ok(());
         }
-        if self.connected() && self.peer_role == Role::Primary {
-            return Err(AdminError::PeerIsPrimary);
-        }
-        if matches!(
-            self.conn,
-            Conn::SyncTarget
-                | Conn::SyncStarting { source: false }
-                | Conn::WfBitmap { source: false }
-        ) {
-            return Err(AdminError::SyncTarget);
+        match self.promote_precheck() {
+            Ok(()) => {}
+            Err(AdminError::NotUpToDate(_)) if force => {}
+            Err(e) => return Err(e),
         }
         let disk = self.disk_state();
         if disk != DiskState::UpToDate {
-            if !force {
-                return Err(AdminError::NotUpToDate(disk));
-            }
             tracing::warn!(
                 resource = %self.p.resource, ?disk,
                 "forced promotion: this node's data now counts as the newest"
@@ -1802,12 +1793,18 @@ impl Resource {
         self.leave_primary();
         self.wl.release_pending = false;
         self.fail_pending();
+        self.retry_completions();
+        self.send_state();
+    }
+
+    /// Give every write and flush another chance to complete (or fail) under the
+    /// current gate.
+    fn retry_completions(&mut self) {
         let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
         for req in reqs {
             self.try_complete(req);
         }
         self.check_flushes();
-        self.send_state();
     }
 
     fn leave_primary(&mut self) {
@@ -1884,11 +1881,7 @@ impl Resource {
             }
         }
         self.pump();
-        let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
-        for req in reqs {
-            self.try_complete(req);
-        }
-        self.check_flushes();
+        self.retry_completions();
     }
 
     // ----- connection ----------------------------------------------------------------
