@@ -14,6 +14,8 @@ fn v(current: u64, bitmap: u64, history: [u64; 2]) -> UuidView {
         },
         crashed_primary: false,
         inconsistent: false,
+        primary: false,
+        out_of_sync: false,
     }
 }
 
@@ -23,6 +25,14 @@ fn crashed(mut x: UuidView) -> UuidView {
 }
 fn inconsistent(mut x: UuidView) -> UuidView {
     x.inconsistent = true;
+    x
+}
+fn oos(mut x: UuidView) -> UuidView {
+    x.out_of_sync = true;
+    x
+}
+fn primary(mut x: UuidView) -> UuidView {
+    x.primary = true;
     x
 }
 
@@ -77,6 +87,30 @@ fn rule_table() {
             inconsistent(v(0xA0, 0, [0, 0])),
             SourceUseBitmap,
             Rule::EqualCurrentPeerInconsistent,
+        ),
+        (
+            oos(v(0xA0, 0, [0, 0])),
+            v(0xA0, 0, [0, 0]),
+            SourceUseBitmap,
+            Rule::EqualCurrentOutOfSync,
+        ),
+        (
+            v(0xA0, 0, [0, 0]),
+            oos(v(0xA0, 0, [0, 0])),
+            TargetUseBitmap,
+            Rule::EqualCurrentOutOfSync,
+        ),
+        (
+            primary(v(0xA0, 0, [0, 0])),
+            oos(v(0xA0, 0, [0, 0])),
+            SourceUseBitmap,
+            Rule::EqualCurrentOutOfSync,
+        ),
+        (
+            oos(v(0xA0, 0, [0, 0])),
+            primary(v(0xA0, 0, [0, 0])),
+            TargetUseBitmap,
+            Rule::EqualCurrentOutOfSync,
         ),
         (
             v(0xA0, 0, [0, 0]),

@@ -766,7 +766,9 @@ impl Sim {
         let req = self.next_req;
         self.next_req += 1;
         let now = self.local(p);
-        let paused = self.paused(p);
+        // Requests that arrived during a pause are queued for the moment it ends; one
+        // issued at that very moment must queue behind them, or it would overtake them.
+        let paused = self.paused_until[p] >= self.now;
         if self.rng.below(6) == 0 {
             let covers = std::mem::take(&mut self.model.completed_unflushed);
             self.model.flush_covers.insert(req, covers);

@@ -480,6 +480,9 @@ pub struct Resource {
     peer_ops_by_io: HashMap<IoId, usize>,
     peer_barriers: VecDeque<u64>,
     peer_barrier_flushing: bool,
+    /// The flags of the last hello sent: the comparison on this side must use what
+    /// the peer was told, even if the bitmap or role changed since.
+    hello_flags: u32,
     // Resync.
     resync_cursor: u64,
     resync_in_flight: Vec<(u64, u64, ResyncStage)>,
@@ -487,6 +490,8 @@ pub struct Resource {
     resync_total_bytes: u64,
     resync_started: Instant,
     resync_done_pending_gen: Option<Generation>,
+    /// A `ResyncDone` that came while this target was still starting.
+    resync_done_early: Option<Generation>,
     // Keepalive.
     last_rx: Instant,
     next_ping: Option<Instant>,
@@ -565,12 +570,14 @@ impl Resource {
             peer_ops_by_io: HashMap::new(),
             peer_barriers: VecDeque::new(),
             peer_barrier_flushing: false,
+            hello_flags: 0,
             resync_cursor: 0,
             resync_in_flight: Vec::new(),
             resync_done_bytes: 0,
             resync_total_bytes: 0,
             resync_started: now,
             resync_done_pending_gen: None,
+            resync_done_early: None,
             last_rx: now,
             next_ping: None,
             ping_id: 0,
@@ -1008,6 +1015,15 @@ impl Resource {
                     self.persist_dirty_pages();
                     self.persist_superblock();
                     tracing::info!(resource = %self.p.resource, "resync finished: up to date");
+                    // The connection that delivered the end of the resync may be gone
+                    // and a new handshake under way with a hello that still says
+                    // inconsistent: the peer would decide on stale facts.
+                    if !matches!(
+                        self.conn,
+                        Conn::Established | Conn::Connecting | Conn::StandAlone
+                    ) {
+                        self.restart_handshake("resync finished during the handshake");
+                    }
                 }
             }
             IoPurpose::ResyncRead { offset, len, buf } => {
@@ -1091,6 +1107,10 @@ impl Resource {
         if self.discard_my_data {
             flags |= wire::HELLO_DISCARD_MY_DATA;
         }
+        if self.bitmap.count() > 0 {
+            flags |= wire::HELLO_OUT_OF_SYNC;
+        }
+        self.hello_flags = flags;
         self.send(Msg::Hello(Hello {
             version: wire::PROTOCOL_VERSION,
             resource: self.p.resource.clone(),
@@ -1269,17 +1289,13 @@ impl Resource {
                     self.pump_resync();
                 }
             }
-            Msg::ResyncDone { gen } => {
-                if self.conn == Conn::SyncTarget {
-                    self.conn = Conn::Established;
-                    self.resync_done_pending_gen = Some(gen);
-                    let io = self.new_io(IoPurpose::TargetDoneFlush);
-                    self.actions.push_back(Action::DiskFlush { io });
-                    self.peer_disk = DiskState::UpToDate;
-                } else {
-                    self.protocol_error("resync-done while not sync target", None);
-                }
-            }
+            Msg::ResyncDone { gen } => match self.conn {
+                Conn::SyncTarget => self.target_resync_done(gen),
+                // A source with nothing to send finishes before this side has made its
+                // resync set durable; finish once it has.
+                Conn::SyncStarting { source: false } => self.resync_done_early = Some(gen),
+                _ => self.protocol_error("resync-done while not sync target", None),
+            },
             Msg::State { primary, disk } => {
                 self.peer_role = if primary {
                     Role::Primary
@@ -1928,14 +1944,21 @@ impl Resource {
         }
         self.votes.peer_fresh_until = None;
         self.pings_sent.clear();
+        self.resync_done_early = None;
         self.conn = next;
-        for (_, req) in std::mem::take(&mut self.seq_to_req) {
-            if let Some(w) = self.writes.get_mut(&req) {
-                if w.peer != PeerState::Written {
-                    self.bitmap.set_range(w.offset, w.len);
-                }
-                w.peer = PeerState::NotReplicated;
+        self.seq_to_req.clear();
+        // A write the peer acknowledged is only durable there once the barrier of its
+        // epoch has been acknowledged too: until then it counts as out of sync, like
+        // the transfer log below. A write left as `Written` would later wait in the
+        // transfer log for a barrier ack that no new connection ever sends.
+        let acked = self.peer_acked_epoch;
+        for w in self.writes.values_mut() {
+            let durable_on_peer =
+                w.peer == PeerState::Written && acked.is_some_and(|e| e >= w.epoch);
+            if w.peer != PeerState::NotReplicated && !durable_on_peer {
+                self.bitmap.set_range(w.offset, w.len);
             }
+            w.peer = PeerState::NotReplicated;
         }
         for (_, off, len) in std::mem::take(&mut self.tl) {
             self.bitmap.set_range(off, len);
@@ -2034,11 +2057,15 @@ impl Resource {
             gen: self.sb.gen,
             crashed_primary: self.sb.has(meta::FLAG_CRASHED_PRIMARY),
             inconsistent: self.disk_state() == DiskState::Inconsistent,
+            primary: self.hello_flags & wire::HELLO_PRIMARY != 0,
+            out_of_sync: self.hello_flags & wire::HELLO_OUT_OF_SYNC != 0,
         };
         let peer = UuidView {
             gen: h.gen,
             crashed_primary: h.flags & wire::HELLO_CRASHED_PRIMARY != 0,
             inconsistent: h.flags & wire::HELLO_INCONSISTENT != 0,
+            primary: peer_primary,
+            out_of_sync: h.flags & wire::HELLO_OUT_OF_SYNC != 0,
         };
         let peer_discards = h.flags & wire::HELLO_DISCARD_MY_DATA != 0;
         let (decision, rule) = if self.discard_my_data && peer_discards {
@@ -2158,6 +2185,15 @@ impl Resource {
         self.persist_superblock();
     }
 
+    /// The source has sent every block: make them durable, then take its generation.
+    fn target_resync_done(&mut self, gen: Generation) {
+        self.conn = Conn::Established;
+        self.resync_done_pending_gen = Some(gen);
+        let io = self.new_io(IoPurpose::TargetDoneFlush);
+        self.actions.push_back(Action::DiskFlush { io });
+        self.peer_disk = DiskState::UpToDate;
+    }
+
     fn on_meta_idle(&mut self) {
         if let Conn::SyncStarting { source } = self.conn {
             tracing::info!(
@@ -2171,6 +2207,9 @@ impl Resource {
                 Conn::SyncTarget
             };
             self.send_state();
+            if let Some(gen) = self.resync_done_early.take() {
+                self.target_resync_done(gen);
+            }
         }
         self.term_persist = false;
         self.pump();

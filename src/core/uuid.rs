@@ -75,6 +75,10 @@ pub struct UuidView {
     pub crashed_primary: bool,
     /// Its data is not consistent (interrupted sync target, `invalidate`).
     pub inconsistent: bool,
+    /// It is primary now.
+    pub primary: bool,
+    /// Its bitmap marks blocks out of sync.
+    pub out_of_sync: bool,
 }
 
 /// Outcome of the comparison, from the local node's point of view.
@@ -114,6 +118,7 @@ pub enum Rule {
     EqualCurrentPeerCrashed,
     EqualCurrentLocalInconsistent,
     EqualCurrentPeerInconsistent,
+    EqualCurrentOutOfSync,
     BitmapPeer,
     BitmapLocal,
     HistoryPeer,
@@ -136,6 +141,7 @@ impl Rule {
             Rule::EqualCurrentPeerCrashed => "equal-current-peer-crashed-primary",
             Rule::EqualCurrentLocalInconsistent => "equal-current-local-inconsistent",
             Rule::EqualCurrentPeerInconsistent => "equal-current-peer-inconsistent",
+            Rule::EqualCurrentOutOfSync => "equal-current-out-of-sync",
             Rule::BitmapPeer => "bitmap-peer",
             Rule::BitmapLocal => "bitmap-local",
             Rule::HistoryPeer => "history-peer",
@@ -149,8 +155,9 @@ impl Rule {
     }
 }
 
-/// Decide who syncs from whom. `tie_local_wins` breaks the one symmetric case (both
-/// crashed primaries with equal UUIDs) so that both sides reach mirrored decisions.
+/// Decide who syncs from whom. `tie_local_wins` breaks the symmetric cases (both
+/// crashed primaries, or both with out-of-sync bits, with equal UUIDs) so that both
+/// sides reach mirrored decisions.
 pub fn compare(local: &UuidView, peer: &UuidView, tie_local_wins: bool) -> (SyncDecision, Rule) {
     use SyncDecision::*;
     let (l, p) = (&local.gen, &peer.gen);
@@ -174,6 +181,25 @@ pub fn compare(local: &UuidView, peer: &UuidView, tie_local_wins: bool) -> (Sync
             (false, false) => match (local.inconsistent, peer.inconsistent) {
                 (true, false) => (TargetUseBitmap, Rule::EqualCurrentLocalInconsistent),
                 (false, true) => (SourceUseBitmap, Rule::EqualCurrentPeerInconsistent),
+                // The same generation, yet blocks marked out of sync: left over from a
+                // handshake that decided a resync and broke before it ran, or a write
+                // the peer failed. Resyncing identical blocks costs time; dropping the
+                // bits could leave a real difference. The primary, or the side with
+                // bits, is the source.
+                _ if local.out_of_sync || peer.out_of_sync => {
+                    let local_source = if local.primary != peer.primary {
+                        local.primary
+                    } else if local.out_of_sync != peer.out_of_sync {
+                        local.out_of_sync
+                    } else {
+                        tie_local_wins
+                    };
+                    if local_source {
+                        (SourceUseBitmap, Rule::EqualCurrentOutOfSync)
+                    } else {
+                        (TargetUseBitmap, Rule::EqualCurrentOutOfSync)
+                    }
+                }
                 _ => (NoSync, Rule::EqualCurrent),
             },
         };

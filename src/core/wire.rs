@@ -56,6 +56,8 @@ pub const HELLO_INCONSISTENT: u32 = 2;
 pub const HELLO_OUTDATED: u32 = 4;
 pub const HELLO_PRIMARY: u32 = 8;
 pub const HELLO_DISCARD_MY_DATA: u32 = 16;
+/// The sender's bitmap marks blocks out of sync.
+pub const HELLO_OUT_OF_SYNC: u32 = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
