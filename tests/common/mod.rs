@@ -514,6 +514,44 @@ impl Cluster {
         ]));
     }
 
+    /// Cut (or restore) the link between the two data nodes only: each gets a blackhole
+    /// route to the other, and both still reach the witness.
+    pub fn cut_pair(&self, cut: bool) {
+        for (i, j) in [(0, 1), (1, 0)] {
+            let peer_ip = self.nodes[j].addr.split(':').next().unwrap_or_default();
+            sh(Command::new("ip").args([
+                "-n",
+                &self.nodes[i].ns,
+                "route",
+                if cut { "add" } else { "del" },
+                "blackhole",
+                &format!("{peer_ip}/32"),
+            ]));
+        }
+    }
+
+    /// Send `sig` to node `i`'s daemon (SIGSTOP / SIGCONT: a frozen process).
+    pub fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
+        let c = self.nodes[i].child.as_ref().expect("daemon running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)
+            .unwrap_or_else(|e| panic!("kill {sig} node {i}: {e}"));
+    }
+
+    /// Add and start a witness with a `lease_ms` lease and point resource `r0` at it
+    /// (`extra` goes into the resource section too).
+    pub fn with_witness(&mut self, protocol: &str, lease_ms: u64, extra: &str) {
+        self.add_witness(lease_ms);
+        self.write_config(
+            protocol,
+            &format!(
+                "witness = \"{}\"\nlease-ms = {lease_ms}\n{extra}",
+                self.witness_addr
+            ),
+            self.dir.join("secret").to_str().unwrap_or(""),
+        );
+        self.start_witness();
+    }
+
     /// A third host for the witness, with its config written (`lease_ms` lease).
     pub fn add_witness(&mut self, lease_ms: u64) {
         let ns = format!("{}w", self.id);

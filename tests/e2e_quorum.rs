@@ -1,0 +1,346 @@
+//! End to end with quorum: two real `tandemd` and a real `tandem-witness`, each in its own
+//! network namespace, a writer running throughout. Isolating the primary, cutting the
+//! secondary off, freezing the primary (SIGSTOP) past its lease, and losing the witness:
+//! never two nodes completing writes, never a stale node promoted, and afterwards the
+//! pair converges to identical disks.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Cluster, DirectWriter, Opts};
+use nix::sys::signal::Signal;
+
+const LEASE_MS: u64 = 1500;
+/// Blocks each writer cycles through; alpha writes from block 0, beta after it.
+const REGION_BLOCKS: u64 = 2048;
+
+/// One write of the [`StampWriter`]: when it returned, and whether it succeeded.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    done: Instant,
+    ok: bool,
+}
+
+/// Writes block `first + seq % REGION_BLOCKS` with stamp `seq` (counting from `seq0`), one
+/// O_DIRECT write at a time, and logs every outcome; stops at the first error.
+struct StampWriter {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Entry>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StampWriter {
+    fn start(dev: &Path, first: u64, seq0: u64) -> StampWriter {
+        let mut w = DirectWriter::open(dev).expect("open device");
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (s, l) = (stop.clone(), log.clone());
+        let thread = std::thread::spawn(move || {
+            let mut seq = seq0;
+            while !s.load(Ordering::Relaxed) {
+                let ok = w.write_block(first + seq % REGION_BLOCKS, seq).is_ok();
+                let done = Instant::now();
+                l.lock().expect("log").push(Entry { done, ok });
+                if !ok {
+                    return;
+                }
+                seq += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        StampWriter {
+            stop,
+            log,
+            thread: Some(thread),
+        }
+    }
+
+    fn entries(&self) -> Vec<Entry> {
+        self.log.lock().expect("log").clone()
+    }
+
+    fn ok_count(&self) -> usize {
+        self.entries().iter().filter(|e| e.ok).count()
+    }
+
+    /// Wait until `n` more writes succeeded.
+    fn wait_more_ok(&self, n: usize, secs: u64, what: &str) {
+        let start = self.ok_count();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.ok_count() < start + n {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: fewer than {n} writes succeeded within {secs} s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait until a write failed (the writer has stopped).
+    fn wait_failed(&self, secs: u64, what: &str) -> Entry {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(e) = self.entries().iter().find(|e| !e.ok) {
+                return *e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: writes still succeed after {secs} s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn finish(mut self) -> Vec<Entry> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.entries()
+    }
+}
+
+impl Drop for StampWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A pair with a witness, `alpha` promoted through it, in sync.
+fn quorum_cluster(test: &str, protocol: &str) -> Cluster {
+    let mut c = Cluster::new(test, Opts::default());
+    c.with_witness(protocol, LEASE_MS, "");
+    c.up(0, true);
+    let s = c.wait_for(0, "quorum with a lease", 10, |s| {
+        s["quorum"] == true && s["lease_ms_left"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(s["term"], 1, "{s:#}");
+    assert_eq!(s["degraded"], false, "{s:#}");
+    c
+}
+
+fn is_primary(s: &serde_json::Value) -> bool {
+    s["role"] == "primary"
+}
+
+/// Wait until node `i` exposes its device (it attaches it when promoted).
+fn wait_device(c: &Cluster, i: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.nodes[i].device.exists() {
+        assert!(Instant::now() < deadline, "no device on node {i}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn isolated_primary_stops_within_its_lease_and_rejoins_as_sync_target() {
+    let c = quorum_cluster("isoprim", "C");
+    let wa = StampWriter::start(&c.nodes[0].device, 0, 1);
+    wa.wait_more_ok(200, 20, "alpha before the cut");
+
+    // Alpha loses both the peer and the witness.
+    let cut_at = Instant::now();
+    c.link(0, false);
+    // Its writes stop: held, never completed (they fail once it steps down).
+    // Beta takes over through the witness, once alpha's lease has run out.
+    let s = c.wait_for(1, "promoted by the witness", 30, is_primary);
+    let promoted_after = cut_at.elapsed();
+    assert_eq!(s["term"], 2, "{s:#}");
+    assert!(
+        promoted_after >= Duration::from_millis(LEASE_MS),
+        "beta promoted {promoted_after:?} after the cut, before alpha's lease ran out"
+    );
+    // Not one of alpha's writes completed after its lease ran out.
+    let lease_end = cut_at + Duration::from_millis(LEASE_MS);
+    let late = wa
+        .entries()
+        .iter()
+        .filter(|e| e.ok && e.done > lease_end)
+        .count();
+    assert_eq!(
+        late, 0,
+        "the isolated primary completed {late} writes after its lease ran out"
+    );
+    let sa = c.status(0);
+    assert_eq!(sa["quorum"], false, "{sa:#}");
+    assert_eq!(sa["suspended"], true, "{sa:#}");
+
+    wait_device(&c, 1);
+    let wb = StampWriter::start(&c.nodes[1].device, REGION_BLOCKS, 1_000_000);
+    wb.wait_more_ok(200, 20, "beta after takeover");
+
+    // Heal: alpha learns of term 2, steps down, and becomes beta's sync target.
+    c.link(0, true);
+    c.wait_for(0, "stepped down", 30, |s| {
+        s["role"] == "secondary" && s["term"] == 2
+    });
+    let wa_log = wa.finish();
+    assert!(
+        wa_log.iter().any(|e| !e.ok),
+        "alpha's held writes never failed"
+    );
+    wb.wait_more_ok(200, 20, "beta while alpha resyncs");
+    c.wait_in_sync(60);
+    wb.finish();
+    c.wait_in_sync(30);
+    c.assert_disks_identical();
+    let s = c.status(1);
+    assert!(is_primary(&s), "{s:#}");
+    assert_eq!(
+        s["witness"]["up_to_date"],
+        serde_json::json!(["alpha", "beta"])
+    );
+}
+
+#[test]
+fn cut_off_secondary_is_outdated_refuses_promotion_and_resyncs() {
+    let c = quorum_cluster("cutsec", "C");
+    let wa = StampWriter::start(&c.nodes[0].device, 0, 1);
+    wa.wait_more_ok(200, 20, "alpha before the cut");
+
+    // The pair loses its link; both still reach the witness.
+    c.cut_pair(true);
+    // Alpha has the witness record beta as outdated, then keeps writing.
+    c.wait_for(0, "beta outdated at the witness", 30, |s| {
+        s["connection"] == "connecting"
+            && s["witness"]["up_to_date"] == serde_json::json!(["alpha"])
+    });
+    wa.wait_more_ok(200, 20, "alpha with beta outdated");
+    assert!(is_primary(&c.status(0)));
+    // Beta learns it from the witness, and neither it nor the operator promotes it.
+    let s = c.wait_for(1, "outdated", 30, |s| s["disk"] == "outdated");
+    assert_eq!(s["role"], "secondary", "{s:#}");
+    let e = c.ctl_fails(1, &["promote", "r0"]);
+    assert!(
+        e.to_lowercase().contains("outdated") || e.contains("UpToDate"),
+        "{e}"
+    );
+    assert_eq!(c.status(1)["role"], "secondary");
+
+    c.cut_pair(false);
+    c.wait_in_sync(60);
+    wa.wait_more_ok(100, 20, "alpha after the heal");
+    c.wait_for(0, "beta up to date at the witness", 30, |s| {
+        s["witness"]["up_to_date"] == serde_json::json!(["alpha", "beta"])
+    });
+    let log = wa.finish();
+    assert!(log.iter().all(|e| e.ok), "alpha's writes failed");
+    c.wait_in_sync(30);
+    c.assert_disks_identical();
+    let s = c.status(1);
+    assert_eq!(s["disk"], "uptodate", "{s:#}");
+}
+
+#[test]
+fn frozen_primary_resumed_after_takeover_writes_nothing() {
+    frozen_primary("sigstop", "C");
+}
+
+/// Protocol A completes writes before the peer has them: where a stale primary could.
+#[test]
+fn frozen_primary_resumed_after_takeover_writes_nothing_protocol_a() {
+    frozen_primary("sigstopa", "A");
+}
+
+fn frozen_primary(test: &str, protocol: &str) {
+    let c = quorum_cluster(test, protocol);
+    let wa = StampWriter::start(&c.nodes[0].device, 0, 1);
+    wa.wait_more_ok(200, 20, "alpha before the freeze");
+
+    c.signal(0, Signal::SIGSTOP);
+    let stopped_at = Instant::now();
+    let s = c.wait_for(1, "promoted by the witness", 30, is_primary);
+    assert_eq!(s["term"], 2, "{s:#}");
+    wait_device(&c, 1);
+    let wb = StampWriter::start(&c.nodes[1].device, REGION_BLOCKS, 1_000_000);
+    wb.wait_more_ok(100, 20, "beta after takeover");
+    assert!(stopped_at.elapsed() > Duration::from_millis(LEASE_MS));
+    // Alpha's region as the new primary has it: beta writes elsewhere, so after the
+    // heal both disks must hold exactly this there, whatever alpha still had queued.
+    let region = region_bytes(&c, 1, 0);
+
+    let resumed_at = Instant::now();
+    c.signal(0, Signal::SIGCONT);
+    // Alpha finds its lease gone and term 2 on the peer: it steps down and fails the
+    // writes it held.
+    wa.wait_failed(30, "the resumed old primary");
+    c.wait_for(0, "stepped down", 30, |s| {
+        s["role"] == "secondary" && s["term"] == 2
+    });
+    wb.wait_more_ok(100, 20, "beta while alpha rejoins");
+    c.wait_in_sync(60);
+    let wa_log = wa.finish();
+    wb.finish();
+    c.wait_in_sync(30);
+    c.assert_disks_identical();
+
+    let late = wa_log
+        .iter()
+        .filter(|e| e.ok && e.done >= resumed_at)
+        .count();
+    assert_eq!(
+        late, 0,
+        "the old primary completed {late} writes after SIGCONT"
+    );
+    for i in 0..2 {
+        if let Some(b) = first_difference(&region, &region_bytes(&c, i, 0)) {
+            panic!(
+                "block {b} of alpha's region on node {i} changed after the takeover: \
+                 a write of the frozen primary landed"
+            );
+        }
+    }
+}
+
+/// The bytes of the writer region starting at block `first` on node `i`'s backing disk.
+fn region_bytes(c: &Cluster, i: usize, first: u64) -> Vec<u8> {
+    let f = std::fs::File::open(&c.nodes[i].disk).expect("disk");
+    let mut v = vec![0u8; (REGION_BLOCKS * 4096) as usize];
+    f.read_exact_at(&mut v, first * 4096).expect("read disk");
+    v
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    (0..a.len() / 4096).find(|&k| a[k * 4096..(k + 1) * 4096] != b[k * 4096..(k + 1) * 4096])
+}
+
+#[test]
+fn witness_lost_pair_continues_degraded_then_lease_after_grace() {
+    let mut c = quorum_cluster("witdown", "C");
+    let wa = StampWriter::start(&c.nodes[0].device, 0, 1);
+    wa.wait_more_ok(100, 20, "alpha before the witness dies");
+
+    c.stop_witness();
+    let s = c.wait_for(0, "degraded", 20, |s| {
+        s["degraded"] == true && s["lease_ms_left"] == 0
+    });
+    assert_eq!(s["quorum"], true, "the peer alone keeps quorum: {s:#}");
+    assert_eq!(s["suspended"], false, "{s:#}");
+    wa.wait_more_ok(300, 20, "alpha with the witness down");
+    assert_eq!(c.status(1)["role"], "secondary");
+
+    // Restarted, the witness grants nothing for one lease period, then renews again.
+    c.start_witness();
+    let restarted = Instant::now();
+    c.wait_for(0, "lease again", 20, |s| {
+        s["degraded"] == false && s["lease_ms_left"].as_u64().unwrap_or(0) > 0
+    });
+    let after = restarted.elapsed();
+    assert!(
+        after >= Duration::from_millis(LEASE_MS * 9 / 10),
+        "lease renewed {after:?} after the witness restarted, inside its grace period"
+    );
+    wa.wait_more_ok(100, 20, "alpha with the witness back");
+    let log = wa.finish();
+    assert!(
+        log.iter().all(|e| e.ok),
+        "a write failed while the pair was connected"
+    );
+    c.wait_in_sync(30);
+    c.assert_disks_identical();
+}
