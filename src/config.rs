@@ -64,6 +64,8 @@ struct RawResource {
     lease_ms: Option<u64>,
     promote_margin_ms: Option<u64>,
     auto_promote: Option<bool>,
+    fence_peer: Option<String>,
+    fence_peer_timeout_ms: Option<u64>,
     resync_window_bytes: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
@@ -100,6 +102,9 @@ pub struct ResourceConfig {
     pub lease_ms: u64,
     pub promote_margin_ms: u64,
     pub auto_promote: bool,
+    /// The `fence-peer` handler (required with `fencing = "stonith"`), run with `sh -c`.
+    pub fence_peer: Option<String>,
+    pub fence_peer_timeout_ms: u64,
     pub resync_window_bytes: u64,
     pub nodes: [NodeConfig; 2],
 }
@@ -191,17 +196,33 @@ impl Config {
                     )
                 })?,
             };
-            if fencing != Fencing::None && witness.is_none() {
+            if fencing == Fencing::Resource && witness.is_none() {
                 return Err(key_err(
                     k("fencing"),
                     "resource-level fencing needs a `witness` to record the outdated peer".into(),
                 ));
             }
-            if fencing == Fencing::Stonith {
+            let fence_peer = r.fence_peer.filter(|c| !c.trim().is_empty());
+            match (fencing, &fence_peer) {
+                (Fencing::Stonith, None) => {
+                    return Err(key_err(
+                        k("fence-peer"),
+                        "fencing = \"stonith\" needs a fence-peer handler command".into(),
+                    ))
+                }
+                (Fencing::None | Fencing::Resource, Some(_)) => {
+                    return Err(key_err(
+                        k("fence-peer"),
+                        "is only run with fencing = \"stonith\"".into(),
+                    ))
+                }
+                _ => {}
+            }
+            let fence_peer_timeout_ms = r.fence_peer_timeout_ms.unwrap_or(60_000);
+            if !(100..=600_000).contains(&fence_peer_timeout_ms) {
                 return Err(key_err(
-                    k("fencing"),
-                    "\"stonith\" (a fence-peer handler) is not implemented yet; use \"resource\""
-                        .into(),
+                    k("fence-peer-timeout-ms"),
+                    "must be 100..=600000".into(),
                 ));
             }
             let al_extents = r.al_extents.unwrap_or(256);
@@ -281,6 +302,8 @@ impl Config {
                 lease_ms,
                 promote_margin_ms,
                 auto_promote: r.auto_promote.unwrap_or(true),
+                fence_peer,
+                fence_peer_timeout_ms,
                 resync_window_bytes: r.resync_window_bytes.unwrap_or(4 << 20),
                 nodes: [a, b],
             });

@@ -26,6 +26,19 @@ device = "/dev/tandem/pg-beta"
 "#;
 
 #[test]
+fn stonith_with_a_handler_loads() {
+    let text = GOOD.replace(
+        "fencing = \"resource\"",
+        "fencing = \"stonith\"\nfence-peer = \"/usr/lib/tandem/fence ipmi\"",
+    );
+    let c = Config::parse(&text, "t.toml").expect("valid");
+    let r = c.resource("pg").expect("pg");
+    assert_eq!(r.fencing, tandem::core::quorum::Fencing::Stonith);
+    assert_eq!(r.fence_peer.as_deref(), Some("/usr/lib/tandem/fence ipmi"));
+    assert_eq!(r.fence_peer_timeout_ms, 60_000);
+}
+
+#[test]
 fn good_config_loads() {
     let c = Config::parse(GOOD, "t.toml").expect("valid");
     let r = c.resource("pg").expect("pg");
@@ -76,7 +89,18 @@ fn mistakes_name_key_and_file() {
         ),
         (
             GOOD.replace("fencing = \"resource\"", "fencing = \"stonith\""),
-            "not implemented yet",
+            "resource.pg.fence-peer: fencing = \"stonith\" needs a fence-peer handler",
+        ),
+        (
+            GOOD.replace("fencing = \"resource\"", "fence-peer = \"/bin/true\""),
+            "resource.pg.fence-peer: is only run with fencing = \"stonith\"",
+        ),
+        (
+            GOOD.replace(
+                "fencing = \"resource\"",
+                "fencing = \"stonith\"\nfence-peer = \"x\"\nfence-peer-timeout-ms = 5",
+            ),
+            "resource.pg.fence-peer-timeout-ms",
         ),
         (
             GOOD.replace("on-no-quorum", "promote-margin-ms = 1\non-no-quorum"),

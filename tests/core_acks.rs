@@ -1,8 +1,11 @@
-//! Acknowledgement accounting per protocol, driving one core by hand as a shell would.
+//! One core driven by hand as a shell would: acknowledgement accounting per protocol,
+//! refusals, and the `fence-peer` step before a `fencing = "stonith"` promotion.
 
 use tandem::core::meta::{self, Layout, Metadata, Superblock};
 use tandem::core::quorum::{Fencing, OnNoQuorum};
-use tandem::core::resource::{Action, AdminCmd, BufId, IoId, Params, ReqId, Resource};
+use tandem::core::resource::{
+    Action, AdminCmd, AdminReply, BufId, IoId, Params, ReqId, Resource, Role,
+};
 use tandem::core::wire::{Hello, Msg, HELLO_PRIMARY, PROTOCOL_VERSION};
 use tandem::core::{Instant, Protocol};
 
@@ -15,6 +18,9 @@ struct One {
 
 impl One {
     fn new(protocol: Protocol) -> One {
+        One::with(protocol, |_| {})
+    }
+    fn with(protocol: Protocol, tweak: impl FnOnce(&mut Params)) -> One {
         let layout = Layout::compute(DEV, 4096, 8).expect("layout");
         let uuid = meta::assume_clean_uuid("r0", layout.data_bytes);
         let sb = Superblock::fresh(layout, "r0", "alpha", 4 << 20, 16, Some(uuid));
@@ -40,7 +46,10 @@ impl One {
             fencing: Fencing::None,
             auto_promote: false,
             witness_seq_base: 0,
+            fence_peer_timeout_ms: 1000,
         };
+        let mut p = p;
+        tweak(&mut p);
         let mut o = One {
             r: Resource::new(p, md, Instant(0)),
             out: Vec::new(),
@@ -267,4 +276,66 @@ fn size_mismatch_is_refused_with_a_clear_error() {
         |a| matches!(a, Action::Disconnect { reason } if reason.contains("sizes must match"))
     ));
     assert_ne!(o.r.status().replication, "established");
+}
+
+/// The fence-peer runs the core asked for, and the admin outcomes it reported.
+fn fence_runs_and_outcomes(acts: &[Action]) -> (usize, Vec<Result<(), String>>) {
+    let runs = acts
+        .iter()
+        .filter(|a| matches!(a, Action::FencePeer { .. }))
+        .count();
+    let done = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::AdminDone(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    (runs, done)
+}
+
+#[test]
+fn stonith_promotion_waits_for_the_fence_peer_handler() {
+    let mut o = One::with(Protocol::C, |p| p.fencing = Fencing::Stonith);
+    o.finish_meta();
+    // Peer not connected: the handler runs first, and exit 5 (unreachable) refuses.
+    let r =
+        o.r.handle_admin(Instant(1), AdminCmd::Promote { force: false });
+    assert!(matches!(r, Ok(AdminReply::Pending)), "{r:?}");
+    assert_eq!(fence_runs_and_outcomes(&o.drain()), (1, vec![]));
+    assert_eq!(o.r.role(), Role::Secondary);
+    o.r.handle_fence_peer_done(Instant(2), Some(5));
+    let (runs, done) = fence_runs_and_outcomes(&o.drain());
+    assert_eq!(runs, 0);
+    assert!(
+        matches!(&done[..], [Err(e)] if e.contains("unreachable")),
+        "{done:?}"
+    );
+    assert_eq!(o.r.role(), Role::Secondary);
+    assert!(o
+        .r
+        .status()
+        .last_error
+        .is_some_and(|e| e.contains("fence-peer")));
+
+    // Asked again, it runs again; 7 (fenced) promotes.
+    let r =
+        o.r.handle_admin(Instant(3), AdminCmd::Promote { force: false });
+    assert!(matches!(r, Ok(AdminReply::Pending)), "{r:?}");
+    assert_eq!(fence_runs_and_outcomes(&o.drain()), (1, vec![]));
+    o.r.handle_fence_peer_done(Instant(4), Some(7));
+    assert_eq!(fence_runs_and_outcomes(&o.drain()), (0, vec![Ok(())]));
+    assert_eq!(o.r.role(), Role::Primary);
+}
+
+#[test]
+fn stonith_fences_nothing_while_the_peer_is_connected() {
+    let mut o = One::with(Protocol::C, |p| p.fencing = Fencing::Stonith);
+    o.finish_meta();
+    o.connect_established();
+    let r =
+        o.r.handle_admin(Instant(2), AdminCmd::Promote { force: false });
+    assert!(matches!(r, Ok(AdminReply::Done)), "{r:?}");
+    assert_eq!(fence_runs_and_outcomes(&o.drain()).0, 0);
+    assert_eq!(o.r.role(), Role::Primary);
 }

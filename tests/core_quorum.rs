@@ -1,6 +1,8 @@
 //! Quorum and timeout arithmetic against small readable tables.
 
-use tandem::core::quorum::{check_timeouts, min_promote_margin_ms, promote_not_before, Votes};
+use tandem::core::quorum::{
+    check_timeouts, fence_peer_verdict, min_promote_margin_ms, promote_not_before, Votes,
+};
 use tandem::core::Instant;
 
 fn t(ms: u64) -> Option<Instant> {
@@ -69,5 +71,24 @@ fn timeout_config_table() {
     ];
     for (i, to, m, l, ok) in rows {
         assert_eq!(check_timeouts(i, to, m, l).is_ok(), ok, "{i} {to} {m} {l}");
+    }
+}
+
+#[test]
+fn fence_peer_exit_codes() {
+    // (exit code, promotion may proceed) with DRBD's meanings.
+    let rows = [
+        (Some(3), false), // peer inconsistent: not fenced
+        (Some(4), true),  // peer outdated
+        (Some(5), false), // peer unreachable: it may still be running
+        (Some(6), false), // peer is primary
+        (Some(7), true),  // peer fenced (powered off)
+        (Some(0), false),
+        (Some(1), false),
+        (None, false), // killed, timed out, not started
+    ];
+    for (code, ok) in rows {
+        let v = fence_peer_verdict(code);
+        assert_eq!(v.is_ok(), ok, "exit {code:?}: {v:?}");
     }
 }

@@ -344,3 +344,68 @@ fn witness_lost_pair_continues_degraded_then_lease_after_grace() {
     c.wait_in_sync(30);
     c.assert_disks_identical();
 }
+
+#[test]
+fn stonith_takeover_only_once_fence_peer_says_fenced() {
+    let mut c = Cluster::new("stonith", Opts::default());
+    // The handler records its environment and exits with the code in a file.
+    let script = c.dir.join("fence-peer.sh");
+    let code = c.dir.join("fence-peer.code");
+    let env_file = c.dir.join("fence-peer.env");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nenv | grep ^TANDEM_ | sort > {}\nexit $(cat {})\n",
+            env_file.display(),
+            code.display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    std::fs::write(&code, "5").expect("code");
+    c.with_witness(
+        "C",
+        LEASE_MS,
+        &format!(
+            "fencing = \"stonith\"\nfence-peer = \"{}\"",
+            script.display()
+        ),
+    );
+    c.up(0, true);
+    let wa = StampWriter::start(&c.nodes[0].device, 0, 1);
+    wa.wait_more_ok(100, 20, "alpha before the cut");
+
+    // Alpha vanishes; beta's handler says "unreachable" (5): no takeover.
+    c.link(0, false);
+    let s = c.wait_for(1, "fence-peer refused", 30, |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fence-peer"))
+    });
+    assert_eq!(s["role"], "secondary", "{s:#}");
+    let env = std::fs::read_to_string(&env_file).expect("the handler ran");
+    let alpha_addr = &c.nodes[0].addr;
+    for want in [
+        "TANDEM_NODE=beta".to_string(),
+        "TANDEM_PEER=alpha".to_string(),
+        format!("TANDEM_PEER_ADDRESS={alpha_addr}"),
+        "TANDEM_RESOURCE=r0".to_string(),
+    ] {
+        assert!(env.lines().any(|l| l == want), "{want} missing in {env}");
+    }
+    // The operator fences alpha for real (here: says so) and promotes: 7 lets it go on.
+    std::fs::write(&code, "7").expect("code");
+    c.ctl(1, &["promote", "r0"]);
+    let s = c.status(1);
+    assert!(is_primary(&s), "{s:#}");
+    assert_eq!(s["term"], 2, "{s:#}");
+
+    c.link(0, true);
+    c.wait_for(0, "stepped down", 30, |s| {
+        s["role"] == "secondary" && s["term"] == 2
+    });
+    wa.finish();
+    c.wait_in_sync(60);
+    c.assert_disks_identical();
+}

@@ -407,6 +407,7 @@ impl Sim {
             auto_promote: true,
             // Numbers of a new incarnation exceed the old one's, like a wall clock.
             witness_seq_base: (self.now + 1) * 1_000_000,
+            fence_peer_timeout_ms: 1000,
         }
     }
 
@@ -702,6 +703,9 @@ impl Sim {
                     self.last_primary = i;
                     self.check_invariant_4(i);
                 }
+            }
+            Action::FencePeer { .. } => {
+                panic!("the simulator configures no fence-peer handler")
             }
             Action::AdminDone(result) => {
                 self.admin_pending[i] = false;

@@ -161,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             on_no_quorum: r.on_no_quorum,
             fencing: r.fencing,
             auto_promote: r.auto_promote,
+            fence_peer_timeout_ms: r.fence_peer_timeout_ms,
             // Above every number an earlier run of this daemon used.
             witness_seq_base: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -182,6 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 peer_addr: peer.address,
                 secret: secret.clone(),
                 witness_addr: r.witness,
+                fence_peer: r.fence_peer.clone(),
             },
             link: local.device.clone(),
             mountpoint: run_dir.join(format!("fuse-{}", r.name)),

@@ -63,6 +63,22 @@ impl Fencing {
     }
 }
 
+/// What a `fence-peer` handler's exit status means, with DRBD's codes; `Ok` when a
+/// `fencing = "stonith"` promotion may go ahead (7, the peer was fenced, or 4, it is
+/// outdated), `Err` with the reason otherwise. `None`: the handler did not exit by
+/// itself (it could not be started, was killed, or ran past its timeout).
+pub fn fence_peer_verdict(exit_code: Option<i32>) -> Result<&'static str, String> {
+    match exit_code {
+        Some(7) => Ok("the peer was fenced (exit 7)"),
+        Some(4) => Ok("the peer is outdated (exit 4)"),
+        Some(3) => Err("the peer is inconsistent (exit 3), not fenced".into()),
+        Some(5) => Err("the peer is unreachable (exit 5), not fenced".into()),
+        Some(6) => Err("the peer is primary (exit 6)".into()),
+        Some(c) => Err(format!("the handler failed (exit {c})")),
+        None => Err("the handler did not finish (not started, killed or timed out)".into()),
+    }
+}
+
 /// A primary's view of its two votes besides its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Votes {

@@ -163,6 +163,8 @@ pub struct Params {
     /// Witness requests are numbered from here; it must exceed every number an earlier
     /// run of this node used (the shell passes the wall clock in microseconds).
     pub witness_seq_base: u64,
+    /// With `fencing = "stonith"`: how long the `fence-peer` handler may run.
+    pub fence_peer_timeout_ms: u64,
 }
 
 /// Everything the driver must do.
@@ -203,6 +205,12 @@ pub enum Action {
     },
     /// The outcome of an admin command that returned [`AdminReply::Pending`].
     AdminDone(Result<(), String>),
+    /// Run the `fence-peer` handler (`fencing = "stonith"`, before promoting while the
+    /// peer is not connected); answer with [`Resource::handle_fence_peer_done`], with
+    /// `None` if it has not exited by itself within `timeout_ms`.
+    FencePeer {
+        timeout_ms: u64,
+    },
     ReleaseBuf(BufId),
     CompleteWrite {
         req: ReqId,
@@ -321,6 +329,16 @@ enum PeerState {
     Sent,
     Received,
     Written,
+}
+
+/// Where the `fence-peer` handler stands since the peer was last connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FenceRun {
+    NotRun,
+    Running,
+    /// It said the peer is fenced or outdated: promotion may proceed until the peer
+    /// connects again.
+    Fenced,
 }
 
 #[derive(Debug)]
@@ -492,6 +510,8 @@ pub struct Resource {
     resync_done_pending_gen: Option<Generation>,
     /// A `ResyncDone` that came while this target was still starting.
     resync_done_early: Option<Generation>,
+    /// The `fence-peer` handler for the current absence of the peer.
+    fence: FenceRun,
     // Keepalive.
     last_rx: Instant,
     next_ping: Option<Instant>,
@@ -578,6 +598,7 @@ impl Resource {
             resync_started: now,
             resync_done_pending_gen: None,
             resync_done_early: None,
+            fence: FenceRun::NotRun,
             last_rx: now,
             next_ping: None,
             ping_id: 0,
@@ -1085,6 +1106,8 @@ impl Resource {
             return;
         }
         self.conn = Conn::WfHello;
+        // A peer that can connect is not fenced (any more): fence it again next time.
+        self.fence = FenceRun::NotRun;
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::Unknown;
         self.last_rx = now;
@@ -1347,18 +1370,29 @@ impl Resource {
                 if self.role == Role::Primary {
                     return Ok(AdminReply::Done);
                 }
-                if force || !self.p.witness {
-                    return done(self.promote(force));
+                if force {
+                    if self.p.fencing == Fencing::Stonith && !self.connected() {
+                        tracing::warn!(resource = %self.p.resource, "forced promotion: the fence-peer handler is not run");
+                    }
+                    return done(self.promote(true));
                 }
                 if self.want_promote.is_some_and(|w| w.manual) {
                     return Err(AdminError::PromoteInProgress);
                 }
                 self.promote_precheck()?;
+                if !self.p.witness && self.stonith_allows_promotion() {
+                    return done(self.promote(false));
+                }
+                let fence_ms = if self.p.fencing == Fencing::Stonith {
+                    self.p.fence_peer_timeout_ms
+                } else {
+                    0
+                };
                 self.want_promote = Some(PromoteWant {
                     manual: true,
                     give_up_at: self
                         .now
-                        .plus_ms(2 * self.p.lease_ms + self.p.ping_timeout_ms),
+                        .plus_ms(2 * self.p.lease_ms + self.p.ping_timeout_ms + fence_ms),
                 });
                 self.witness_tick(false);
                 Ok(AdminReply::Pending)
@@ -1598,6 +1632,9 @@ impl Resource {
                 .lease_until
                 .is_none_or(|t| t.ms_since(self.now) < self.p.lease_ms * 2 / 3);
         let (op, peer) = if self.role != Role::Primary && self.want_promote.is_some() {
+            if !self.stonith_allows_promotion() {
+                return;
+            }
             (WitnessOp::Promote, String::new())
         } else if self.role != Role::Primary && self.promote_uncertain {
             (WitnessOp::Query, String::new())
@@ -1637,6 +1674,63 @@ impl Resource {
             },
             timeout_ms: (self.p.lease_ms / 4).max(20),
         });
+    }
+
+    /// With `fencing = "stonith"`, a node promotes while its peer is not connected only
+    /// once the `fence-peer` handler has said the peer is fenced or outdated. Starts the
+    /// handler when it has not run yet; `false` until it has answered.
+    fn stonith_allows_promotion(&mut self) -> bool {
+        if self.p.fencing != Fencing::Stonith || self.connected() {
+            return true;
+        }
+        match self.fence {
+            FenceRun::Fenced => true,
+            FenceRun::Running => false,
+            FenceRun::NotRun => {
+                tracing::warn!(resource = %self.p.resource, peer = %self.p.peer_node, "running the fence-peer handler before promotion");
+                self.fence = FenceRun::Running;
+                self.actions.push_back(Action::FencePeer {
+                    timeout_ms: self.p.fence_peer_timeout_ms,
+                });
+                false
+            }
+        }
+    }
+
+    /// The `fence-peer` handler of the last [`Action::FencePeer`] exited with
+    /// `exit_code` (`None`: it did not exit by itself in time).
+    pub fn handle_fence_peer_done(&mut self, now: Instant, exit_code: Option<i32>) {
+        self.now = now;
+        if self.fence != FenceRun::Running {
+            return; // the peer came back meanwhile: no longer needed
+        }
+        match quorum::fence_peer_verdict(exit_code) {
+            Ok(what) => {
+                tracing::info!(resource = %self.p.resource, peer = %self.p.peer_node, "fence-peer: {what}; promotion may proceed");
+                self.fence = FenceRun::Fenced;
+                if self.p.witness {
+                    self.witness_tick(false);
+                } else if let Some(w) = self.want_promote.take() {
+                    let r = self.promote(false).map_err(|e| e.to_string());
+                    if w.manual {
+                        self.actions.push_back(Action::AdminDone(r));
+                    }
+                }
+            }
+            Err(why) => {
+                self.fence = FenceRun::NotRun;
+                let why = format!("fence-peer: {why}; not promoting");
+                tracing::error!(resource = %self.p.resource, peer = %self.p.peer_node, "{why}");
+                self.last_error = Some(why.clone());
+                // Not retried: whether the peer is really gone is for the operator now.
+                if let Some(w) = self.want_promote.take() {
+                    if w.manual {
+                        self.actions.push_back(Action::AdminDone(Err(why)));
+                    }
+                }
+            }
+        }
+        self.check_gate();
     }
 
     fn set_promote_uncertain(&mut self, on: bool) {

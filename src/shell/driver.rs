@@ -79,6 +79,8 @@ pub enum Event {
     },
     /// The witness answered the core's request (`None`: no answer in time).
     WitnessReply(Option<witness::Reply>),
+    /// The `fence-peer` handler exited with this code (`None`: it did not, by itself).
+    FencePeerDone(Option<i32>),
     /// A connection ended; `eof` when the peer closed it cleanly.
     PeerDown {
         conn: u64,
@@ -163,6 +165,8 @@ pub struct PeerSetup {
     pub peer_addr: std::net::SocketAddr,
     pub secret: Arc<Vec<u8>>,
     pub witness_addr: Option<std::net::SocketAddr>,
+    /// The `fence-peer` handler (`fencing = "stonith"`), run with `sh -c`.
+    pub fence_peer: Option<String>,
 }
 
 pub struct Setup {
@@ -504,6 +508,7 @@ impl Driver {
                 self.maybe_dial();
             }
             Event::WitnessReply(r) => self.core.handle_witness_reply(now, r),
+            Event::FencePeerDone(code) => self.core.handle_fence_peer_done(now, code),
             Event::PeerMsg {
                 conn,
                 term,
@@ -940,6 +945,25 @@ impl Driver {
                     });
                 }
             }
+            Action::FencePeer { timeout_ms } => match self.peer.fence_peer.clone() {
+                Some(cmd) => {
+                    let env = FencePeerEnv {
+                        resource: self.name.clone(),
+                        node: self.peer.local_node.clone(),
+                        peer: self.peer.peer_node.clone(),
+                        peer_address: self.peer.peer_addr.to_string(),
+                    };
+                    let tx = self.tx.clone();
+                    self.rt.spawn(async move {
+                        let code = run_fence_peer(&cmd, &env, timeout_ms).await;
+                        let _ = tx.send(Event::FencePeerDone(code));
+                    });
+                }
+                None => {
+                    let now = self.now();
+                    self.core.handle_fence_peer_done(now, None);
+                }
+            },
             Action::Witness { req, timeout_ms } => match &self.witness_tx {
                 Some(w) if w.send((req, timeout_ms)).is_ok() => {}
                 _ => {
@@ -1221,6 +1245,52 @@ async fn witness_task(
         };
         if !tx.send(Event::WitnessReply(reply)) {
             return;
+        }
+    }
+}
+
+/// What a `fence-peer` handler finds in its environment, as DRBD's handlers find
+/// `DRBD_RESOURCE` and `DRBD_PEER`.
+struct FencePeerEnv {
+    resource: String,
+    node: String,
+    peer: String,
+    peer_address: String,
+}
+
+/// Run the handler with `sh -c`; its exit code, or `None` if it could not start, was
+/// killed by a signal, or ran past `timeout_ms` (it is killed then).
+async fn run_fence_peer(cmd: &str, env: &FencePeerEnv, timeout_ms: u64) -> Option<i32> {
+    let mut child = match tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("TANDEM_RESOURCE", &env.resource)
+        .env("TANDEM_NODE", &env.node)
+        .env("TANDEM_PEER", &env.peer)
+        .env("TANDEM_PEER_ADDRESS", &env.peer_address)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(resource = %env.resource, command = cmd, error = %e, "cannot start the fence-peer handler");
+            return None;
+        }
+    };
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), child.wait()).await {
+        Ok(Ok(st)) => {
+            tracing::info!(resource = %env.resource, command = cmd, status = %st, "fence-peer handler exited");
+            st.code()
+        }
+        Ok(Err(e)) => {
+            tracing::error!(resource = %env.resource, command = cmd, error = %e, "lost the fence-peer handler");
+            None
+        }
+        Err(_) => {
+            tracing::error!(resource = %env.resource, command = cmd, timeout_ms, "the fence-peer handler ran too long; killing it");
+            let _ = child.kill().await;
+            None
         }
     }
 }
