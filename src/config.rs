@@ -49,6 +49,8 @@ struct RawConfig {
 struct RawGlobal {
     secret_file: Option<String>,
     run_dir: Option<String>,
+    watchdog: Option<String>,
+    watchdog_timeout_s: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +87,9 @@ pub struct Config {
     pub file: String,
     pub secret_file: PathBuf,
     pub run_dir: PathBuf,
+    /// A watchdog device to pet while healthy (off by default).
+    pub watchdog: Option<PathBuf>,
+    pub watchdog_timeout_s: u32,
     pub resources: Vec<ResourceConfig>,
 }
 
@@ -308,8 +313,21 @@ impl Config {
                 nodes: [a, b],
             });
         }
+        let watchdog_timeout_s = raw.global.watchdog_timeout_s.unwrap_or(10);
+        if !(2..=600).contains(&watchdog_timeout_s) {
+            return Err(key_err(
+                "global.watchdog-timeout-s".into(),
+                "must be 2..=600".into(),
+            ));
+        }
         Ok(Config {
             file: file.to_string(),
+            watchdog: raw
+                .global
+                .watchdog
+                .filter(|w| !w.is_empty())
+                .map(PathBuf::from),
+            watchdog_timeout_s,
             secret_file: PathBuf::from(
                 raw.global
                     .secret_file

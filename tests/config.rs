@@ -106,6 +106,10 @@ fn mistakes_name_key_and_file() {
             GOOD.replace("on-no-quorum", "promote-margin-ms = 1\non-no-quorum"),
             "promote-margin-ms 1 is too small",
         ),
+        (
+            GOOD.replace("run-dir", "watchdog-timeout-s = 1\nrun-dir"),
+            "global.watchdog-timeout-s",
+        ),
         ("[global]\n".to_string(), "no resource defined"),
         ("this is not toml".to_string(), "t.toml"),
     ];

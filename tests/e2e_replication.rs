@@ -504,3 +504,48 @@ fn pread_pwrite_fallback_replicates_too() {
     c.ctl(0, &["demote", "r0"]);
     c.assert_disks_identical();
 }
+
+#[test]
+fn watchdog_is_petted_while_the_daemon_runs_and_disarmed_on_stop() {
+    let mut c = Cluster::new("watchdog", Opts::default());
+    // A plain file stands in for /dev/watchdog: every pet is a byte, the magic close a 'V'.
+    let wd = c.dir.join("watchdog");
+    std::fs::write(&wd, b"").expect("watchdog file");
+    let cfg = std::fs::read_to_string(&c.config).expect("config");
+    std::fs::write(
+        &c.config,
+        cfg.replacen(
+            "[global]\n",
+            &format!(
+                "[global]\nwatchdog = \"{}\"\nwatchdog-timeout-s = 2\n",
+                wd.display()
+            ),
+            1,
+        ),
+    )
+    .expect("config");
+    c.create_md(0, &["--assume-clean"]);
+    c.start(0);
+    let pets = || std::fs::read(&wd).expect("watchdog file");
+    let wait_pets = |more: usize, what: &str| {
+        let start = pets().len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pets().len() < start + more {
+            assert!(std::time::Instant::now() < deadline, "{what}: no pets");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_pets(3, "running");
+    // A hung daemon pets nothing: three pet periods (0.5 s each) pass without one.
+    c.signal(0, nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(100));
+    let frozen = pets().len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(pets().len(), frozen, "petted while frozen");
+    c.signal(0, nix::sys::signal::Signal::SIGCONT);
+    wait_pets(2, "resumed");
+    c.stop(0);
+    let all = pets();
+    assert_eq!(all.last(), Some(&b'V'), "no magic close on a clean stop");
+    assert!(all[..all.len() - 1].iter().all(|&b| b == 0));
+}

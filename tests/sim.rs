@@ -8,7 +8,9 @@
 //! documented bound, lost and late witness replies.
 //!
 //! Checked after every step (witness runs): invariant 1 (once term t+1 is granted, no node
-//! completes a write in a term <= t), invariant 4 (a node promoted by the witness holds
+//! completes a write in a term <= t), invariant 2 (in B and C a completed flush is
+//! durable on the primary and on a peer the witness still counts as up to date),
+//! invariant 4 (a node promoted by the witness holds
 //! every write a completed flush covered, protocols B and C, and is up to date). After the
 //! fault phase everything heals and the pair must converge: both disks identical, and in
 //! protocols B and C no write covered by a completed flush lost (invariants 2 and 3).
@@ -511,6 +513,52 @@ impl Sim {
         }
     }
 
+    /// Invariant 2, when node `i` completes a flush (B and C, with a witness): every write
+    /// it covers is durable on this node's disk, and on the peer's unless the witness no
+    /// longer counts the peer as up to date or the peer's disk is durably inconsistent
+    /// (either way it can never be promoted to lose it).
+    fn check_invariant_2(&mut self, i: usize, covers: &[u64]) {
+        let Some(w) = self.witness.as_ref() else {
+            return;
+        };
+        if self.protocol == Protocol::A || self.violation.is_some() {
+            return;
+        }
+        let peer = 1 - i;
+        let peer_name = self.nodes[peer].name.clone();
+        let peer_counts = w
+            .core
+            .state()
+            .get("r0")
+            .is_none_or(|st| st.up_to_date.is_empty() || st.up_to_date.contains(&peer_name));
+        let sb_at = self.layout.superblock_offset as usize;
+        let peer_consistent = Superblock::decode(
+            &self.nodes[peer].disk.durable[sb_at..sb_at + 4096],
+            self.layout.superblock_offset,
+        )
+        .is_ok_and(|sb| sb.has(meta::FLAG_CONSISTENT));
+        for n in [i, peer] {
+            if n == peer && !(peer_counts && peer_consistent) {
+                continue;
+            }
+            for &wr in covers {
+                let (first, count) = self.model.writes[&wr];
+                for b in first..first + count {
+                    let h = &self.model.history[&b];
+                    let idx = h.iter().position(|&x| x == wr).expect("write in history");
+                    let got = read_stamp(&self.nodes[n].disk.durable[(b * BLOCK) as usize..]);
+                    if !h[idx..].contains(&got) {
+                        self.violation = Some(format!(
+                            "invariant 2: node {i} completed a flush at {} covering write {wr}, but block {b} on node {n}'s disk holds {got}",
+                            self.now
+                        ));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// Invariant 4, at the moment a node takes over: its data is up to date, and in B and
     /// C it holds every write a completed flush covered.
     fn check_invariant_4(&mut self, i: usize) {
@@ -671,6 +719,7 @@ impl Sim {
                         );
                     }
                     if result.is_ok() {
+                        self.check_invariant_2(i, &covers);
                         for w in covers {
                             let (first, n) = self.model.writes[&w];
                             for b in first..first + n {

@@ -50,6 +50,8 @@ fn hostname() -> String {
 
 struct Daemon {
     resources: BTreeMap<String, Handle>,
+    /// SIGTERM or SIGINT arrived.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn main() -> ExitCode {
@@ -129,6 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut daemon = Daemon {
         resources: BTreeMap::new(),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     };
     for (i, r) in cfg.resources.iter().enumerate() {
         let Some((local, peer)) = r.local_and_peer(&node) else {
@@ -199,6 +202,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::spawn(accept_loop(l, secret.clone(), daemon.clone()));
     }
     tokio::spawn(control_loop(control, daemon.clone()));
+    // Opened last: from here on a hang resets the node.
+    let watchdog = match &cfg.watchdog {
+        Some(path) => {
+            let wd = tandem::shell::watchdog::Watchdog::open(path, cfg.watchdog_timeout_s)
+                .with_context(|| format!("watchdog {}", path.display()))?;
+            let (stop_tx, stop_rx) = oneshot::channel();
+            let task = tokio::spawn(watchdog_loop(
+                wd,
+                daemon.clone(),
+                cfg.watchdog_timeout_s,
+                stop_rx,
+            ));
+            Some((stop_tx, task))
+        }
+        None => None,
+    };
     tracing::info!(node = %node, socket = %socket.display(), resources = daemon.resources.len(), "tandemd ready");
     sd_notify("READY=1");
 
@@ -210,6 +229,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     tracing::info!("stopping");
     sd_notify("STOPPING=1");
+    daemon
+        .stopping
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let mut waits = Vec::new();
     for h in daemon.resources.values() {
         let (tx, rx) = oneshot::channel();
@@ -228,8 +250,66 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         tracing::warn!("resources did not stop within 10 s");
     }
+    if let Some((stop, task)) = watchdog {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Pet the watchdog every quarter of its timeout while every resource thread answers
+/// a status request within that time; on `stop`, disarm it. Once stopping, resource
+/// threads finish one by one: the watchdog keeps being petted until `stop`.
+async fn watchdog_loop(
+    mut wd: tandem::shell::watchdog::Watchdog,
+    daemon: Arc<Daemon>,
+    timeout_s: u32,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let period = std::time::Duration::from_millis(u64::from(timeout_s) * 250);
+    let mut healthy_was = true;
+    let mut stopping = false;
+    loop {
+        let healthy = stopping || resources_answer(&daemon, period).await;
+        if healthy {
+            if let Err(e) = wd.pet() {
+                tracing::error!(error = %e, "cannot pet the watchdog");
+            }
+            if !healthy_was {
+                tracing::info!("every resource answers again; petting the watchdog");
+            }
+        } else if healthy_was {
+            tracing::error!(
+                timeout_s,
+                "a resource thread does not answer: no longer petting the watchdog, the node resets unless it recovers"
+            );
+        }
+        healthy_was = healthy;
+        tokio::select! {
+            _ = &mut stop => {
+                wd.disarm();
+                return;
+            }
+            _ = tokio::time::sleep(period) => {}
+        }
+        // SIGTERM arrived: the resources are being stopped on purpose.
+        stopping = stopping || daemon.stopping.load(std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Every resource's thread answered a status request within `within`.
+async fn resources_answer(daemon: &Daemon, within: std::time::Duration) -> bool {
+    for h in daemon.resources.values() {
+        let (tx, rx) = oneshot::channel();
+        if !h.tx.send(Event::Status { reply: tx }) {
+            return false;
+        }
+        if !matches!(tokio::time::timeout(within, rx).await, Ok(Ok(_))) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Tell systemd (Type=notify) how we are doing; a no-op without NOTIFY_SOCKET.

@@ -512,6 +512,8 @@ pub struct Resource {
     resync_done_early: Option<Generation>,
     /// The `fence-peer` handler for the current absence of the peer.
     fence: FenceRun,
+    /// This sync source's target has reported its inconsistency durable.
+    peer_target_durable: bool,
     // Keepalive.
     last_rx: Instant,
     next_ping: Option<Instant>,
@@ -599,6 +601,7 @@ impl Resource {
             resync_done_pending_gen: None,
             resync_done_early: None,
             fence: FenceRun::NotRun,
+            peer_target_durable: false,
             last_rx: now,
             next_ping: None,
             ping_id: 0,
@@ -1326,6 +1329,17 @@ impl Resource {
                     Role::Secondary
                 };
                 self.peer_disk = DiskState::from_code(disk);
+                // A sync target says so only once its inconsistency is on disk: from
+                // then on a crash of it cannot bring back an older, up-to-date-looking
+                // disk, and writes it misses need no fencing.
+                if self.peer_disk == DiskState::Inconsistent
+                    && matches!(
+                        self.conn,
+                        Conn::SyncSource | Conn::SyncStarting { source: true }
+                    )
+                {
+                    self.peer_target_durable = true;
+                }
             }
             Msg::Ping { id } => self.send(Msg::PingAck { id }),
             Msg::PingAck { id } => {
@@ -1756,14 +1770,17 @@ impl Resource {
 
     /// Resource-level fencing: a primary whose writes do not all reach the peer
     /// completes nothing until the witness no longer counts the peer as up to date, or
-    /// the peer could be promoted without them. Not while the peer is a sync target: it
-    /// receives every new write, and an inconsistent disk is never promoted.
+    /// the peer could be promoted without them. Not while the peer is a sync target that
+    /// has made its inconsistency durable: it receives every new write, and an
+    /// inconsistent disk is never promoted.
     fn fence_needed(&self) -> bool {
+        let peer_has_every_write = self.conn == Conn::Established
+            || (self.conn == Conn::SyncSource && self.peer_target_durable);
         self.role == Role::Primary
             && self.p.witness
             && !self.forced
             && self.p.fencing != Fencing::None
-            && !self.replicating()
+            && !peer_has_every_write
             && self.wl.peer_maybe_up_to_date
     }
 
@@ -2039,6 +2056,7 @@ impl Resource {
         self.votes.peer_fresh_until = None;
         self.pings_sent.clear();
         self.resync_done_early = None;
+        self.peer_target_durable = false;
         self.conn = next;
         self.seq_to_req.clear();
         // A write the peer acknowledged is only durable there once the barrier of its

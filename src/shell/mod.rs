@@ -9,3 +9,4 @@ pub mod md;
 pub mod net;
 pub mod process;
 pub mod sendq;
+pub mod watchdog;
