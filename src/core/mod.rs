@@ -8,6 +8,7 @@ pub mod al;
 pub mod auth;
 pub mod bitmap;
 pub mod meta;
+pub mod promoter;
 pub mod quorum;
 pub mod resource;
 pub mod uuid;
