@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::core::promoter::OnDemoteFailure;
 use crate::core::quorum::{self, Fencing, OnNoQuorum};
 use crate::core::Protocol;
+use crate::shell::services::{Service, ServiceKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -69,8 +71,29 @@ struct RawResource {
     fence_peer: Option<String>,
     fence_peer_timeout_ms: Option<u64>,
     resync_window_bytes: Option<u64>,
+    on_demote_failure: Option<String>,
     #[serde(default)]
     node: Vec<RawNode>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawService {
+    #[serde(rename = "type")]
+    kind: String,
+    mount_point: Option<String>,
+    fs_type: Option<String>,
+    options: Option<String>,
+    unit: Option<String>,
+    start: Option<String>,
+    stop: Option<String>,
+    check: Option<String>,
+    address: Option<String>,
+    interface: Option<String>,
+    start_timeout_ms: Option<u64>,
+    stop_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +135,9 @@ pub struct ResourceConfig {
     pub fence_peer_timeout_ms: u64,
     pub resync_window_bytes: u64,
     pub nodes: [NodeConfig; 2],
+    /// Started in order after promotion, stopped in reverse before demotion.
+    pub services: Vec<Service>,
+    pub on_demote_failure: OnDemoteFailure,
 }
 
 #[derive(Debug, Clone)]
@@ -295,6 +321,29 @@ impl Config {
             let a = nodes
                 .pop()
                 .ok_or_else(|| key_err(k("node"), "missing".into()))?;
+            let on_demote_failure = match r.on_demote_failure.as_deref() {
+                None => OnDemoteFailure::None,
+                Some(v) => OnDemoteFailure::parse(v).ok_or_else(|| {
+                    key_err(
+                        k("on-demote-failure"),
+                        format!("{v:?}: use \"none\", \"exit\", \"reboot\" or \"poweroff\""),
+                    )
+                })?,
+            };
+            let mut services = Vec::new();
+            for (i, rs) in r.service.into_iter().enumerate() {
+                let sk = format!("resource.{name}.service[{i}]");
+                services.push(parse_service(rs).map_err(|(key, msg)| {
+                    key_err(
+                        if key.is_empty() {
+                            sk.clone()
+                        } else {
+                            format!("{sk}.{key}")
+                        },
+                        msg,
+                    )
+                })?);
+            }
             resources.push(ResourceConfig {
                 name,
                 protocol,
@@ -311,6 +360,8 @@ impl Config {
                 fence_peer_timeout_ms,
                 resync_window_bytes: r.resync_window_bytes.unwrap_or(4 << 20),
                 nodes: [a, b],
+                services,
+                on_demote_failure,
             });
         }
         let watchdog_timeout_s = raw.global.watchdog_timeout_s.unwrap_or(10);
@@ -421,4 +472,60 @@ impl WitnessConfig {
             lease_ms,
         })
     }
+}
+
+/// One `[[resource.NAME.service]]`; the error names the key (empty: the table itself).
+fn parse_service(r: RawService) -> Result<Service, (String, String)> {
+    let need = |v: Option<String>, key: &str| {
+        v.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+            (
+                key.to_string(),
+                format!("missing (needed by type = {:?})", r.kind),
+            )
+        })
+    };
+    let kind = match r.kind.as_str() {
+        "mount" => ServiceKind::Mount {
+            mount_point: PathBuf::from(need(r.mount_point.clone(), "mount-point")?),
+            fs_type: r.fs_type.clone().unwrap_or_else(|| "ext4".into()),
+            options: r.options.clone().unwrap_or_default(),
+        },
+        "systemd" => ServiceKind::Systemd {
+            unit: need(r.unit.clone(), "unit")?,
+        },
+        "exec" => ServiceKind::Exec {
+            start: need(r.start.clone(), "start")?,
+            stop: need(r.stop.clone(), "stop")?,
+            check: r.check.clone().filter(|c| !c.trim().is_empty()),
+        },
+        "vip" => {
+            let address = need(r.address.clone(), "address")?;
+            let ip = address.split('/').next().unwrap_or_default();
+            if ip.parse::<std::net::IpAddr>().is_err() || !address.contains('/') {
+                return Err((
+                    "address".into(),
+                    format!("{address:?} is not an address with a prefix (10.0.0.5/24)"),
+                ));
+            }
+            ServiceKind::Vip {
+                address,
+                interface: need(r.interface.clone(), "interface")?,
+            }
+        }
+        other => {
+            return Err((
+                "type".into(),
+                format!("{other:?}: use \"mount\", \"systemd\", \"exec\" or \"vip\""),
+            ))
+        }
+    };
+    let timeout = |v: Option<u64>, key: &str, default: u64| match v.unwrap_or(default) {
+        t @ 100..=3_600_000 => Ok(t),
+        _ => Err((key.to_string(), "must be 100..=3600000".to_string())),
+    };
+    Ok(Service {
+        kind,
+        start_timeout_ms: timeout(r.start_timeout_ms, "start-timeout-ms", 60_000)?,
+        stop_timeout_ms: timeout(r.stop_timeout_ms, "stop-timeout-ms", 60_000)?,
+    })
 }

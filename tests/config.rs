@@ -39,6 +39,40 @@ fn stonith_with_a_handler_loads() {
 }
 
 #[test]
+fn services_load_in_order() {
+    let text = GOOD.to_string()
+        + r#"
+[[resource.pg.service]]
+type = "mount"
+mount-point = "/var/lib/postgresql"
+options = "noatime"
+
+[[resource.pg.service]]
+type = "systemd"
+unit = "postgresql@15-main.service"
+stop-timeout-ms = 120000
+
+[[resource.pg.service]]
+type = "vip"
+address = "10.0.0.10/24"
+interface = "eth0"
+"#;
+    let c = Config::parse(&text, "t.toml").expect("valid");
+    let r = c.resource("pg").expect("pg");
+    let names: Vec<String> = r.services.iter().map(|s| s.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "mount /var/lib/postgresql",
+            "systemd postgresql@15-main.service",
+            "vip 10.0.0.10/24 on eth0"
+        ]
+    );
+    assert_eq!(r.services[1].stop_timeout_ms, 120_000);
+    assert_eq!(r.services[0].start_timeout_ms, 60_000);
+}
+
+#[test]
 fn good_config_loads() {
     let c = Config::parse(GOOD, "t.toml").expect("valid");
     let r = c.resource("pg").expect("pg");
@@ -109,6 +143,23 @@ fn mistakes_name_key_and_file() {
         (
             GOOD.replace("run-dir", "watchdog-timeout-s = 1\nrun-dir"),
             "global.watchdog-timeout-s",
+        ),
+        (
+            GOOD.to_string() + "\n[[resource.pg.service]]\ntype = \"nfs\"\n",
+            "resource.pg.service[0].type",
+        ),
+        (
+            GOOD.to_string() + "\n[[resource.pg.service]]\ntype = \"mount\"\n",
+            "resource.pg.service[0].mount-point: missing",
+        ),
+        (
+            GOOD.to_string()
+                + "\n[[resource.pg.service]]\ntype = \"vip\"\naddress = \"10.0.0.5\"\ninterface = \"eth0\"\n",
+            "resource.pg.service[0].address",
+        ),
+        (
+            GOOD.replace("on-no-quorum", "on-demote-failure = \"panic\"\non-no-quorum"),
+            "resource.pg.on-demote-failure",
         ),
         ("[global]\n".to_string(), "no resource defined"),
         ("this is not toml".to_string(), "t.toml"),

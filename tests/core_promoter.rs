@@ -138,11 +138,18 @@ fn failed_stop_escalates_and_does_not_demote() {
                 (In::Ok(2), vec![]),
                 (In::Stop, vec![Stop { idx: 2 }]),
                 (In::Fail(2), vec![Escalate(policy)]),
-                // Nothing further happens by itself; a new stop request changes nothing.
-                (In::Stop, vec![]),
             ],
         );
         assert_eq!(p.phase(), Phase::StopFailed);
+        // Nothing further happens by itself; asked again, it retries the stops.
+        run(
+            &mut p,
+            &[
+                (In::At(10_000), vec![]),
+                (In::Stop, vec![Stop { idx: 2 }]),
+                (In::Ok(2), vec![Stop { idx: 1 }]),
+            ],
+        );
     }
 }
 

@@ -179,6 +179,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let core = Resource::new(params, md, tandem::core::Instant(0));
         let h = driver::start(Setup {
             core,
+            services: r.services.clone(),
+            on_demote_failure: r.on_demote_failure,
             disk_path: local.disk.clone(),
             peer: PeerSetup {
                 local_node: node.clone(),

@@ -164,17 +164,19 @@ impl Promoter {
 
     /// Stop every service in reverse order, then ask for [`PromoterAction::Demote`]. A
     /// start in flight finishes first (a half-started service is then stopped too).
+    /// After a failed stop, this tries the remaining stops again.
     pub fn handle_stop(&mut self, now: Instant) {
         match self.phase {
             Phase::Idle => self.actions.push_back(PromoterAction::Demote {
                 after_failure: false,
             }),
             Phase::Starting if self.in_flight.is_some() => self.stop_requested = true,
-            Phase::Starting | Phase::Running => {
+            // After a failed stop: the operator asks again once it is fixed.
+            Phase::Starting | Phase::Running | Phase::StopFailed => {
                 self.phase = Phase::Stopping;
                 self.next(now);
             }
-            Phase::Stopping | Phase::StopFailed => {}
+            Phase::Stopping => {}
         }
     }
 

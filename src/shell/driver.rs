@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::core::promoter::{OnDemoteFailure, Phase, Promoter, PromoterAction};
 use crate::core::resource::{
     Action, AdminCmd, AdminReply, BufId, IoId, ReqError, ReqId, Resource, Role, StateKey,
 };
@@ -45,6 +46,7 @@ use crate::shell::disk::{AlignedBuf, Completion, Disk, DiskOp, Ring};
 use crate::shell::frontend::{self, AppRequest, FuseDevice, ReadDone, SECTOR_BYTES};
 use crate::shell::net::{self, Attached};
 use crate::shell::sendq::{self, SendQueue};
+use crate::shell::services::{self, Service};
 
 /// Buffers received from the peer; apart from application writes (their request
 /// number) and the core's own reads (`CORE_BUF_BIT`).
@@ -81,6 +83,11 @@ pub enum Event {
     WitnessReply(Option<witness::Reply>),
     /// The `fence-peer` handler exited with this code (`None`: it did not, by itself).
     FencePeerDone(Option<i32>),
+    /// A service's start or stop finished.
+    ServiceDone {
+        idx: usize,
+        result: Result<(), String>,
+    },
     /// A connection ended; `eof` when the peer closed it cleanly.
     PeerDown {
         conn: u64,
@@ -171,6 +178,9 @@ pub struct PeerSetup {
 
 pub struct Setup {
     pub core: Resource,
+    /// The promoter's services, in start order.
+    pub services: Vec<Service>,
+    pub on_demote_failure: OnDemoteFailure,
     pub disk_path: PathBuf,
     pub peer: PeerSetup,
     pub link: PathBuf,
@@ -241,6 +251,13 @@ struct Driver {
     admin_reply: Option<oneshot::Sender<Reply>>,
     /// A promotion waiting for the witness.
     promote_reply: Option<oneshot::Sender<Reply>>,
+    promoter: Promoter,
+    services: Arc<Vec<Service>>,
+    /// The start or stop running for the promoter; aborted when it runs too long.
+    service_task: Option<tokio::task::AbortHandle>,
+    /// A demotion (or shutdown) waiting for the services to stop.
+    demote_reply: Option<oneshot::Sender<Reply>>,
+    shutdown_after_services: Option<oneshot::Sender<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -367,6 +384,14 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         witness_tx,
         admin_reply: None,
         promote_reply: None,
+        promoter: Promoter::new(
+            s.services.iter().map(Service::spec).collect(),
+            s.on_demote_failure,
+        ),
+        services: Arc::new(s.services),
+        service_task: None,
+        demote_reply: None,
+        shutdown_after_services: None,
     };
     std::thread::Builder::new()
         .name(format!("tandem-{name}"))
@@ -411,6 +436,14 @@ impl Driver {
                 self.drain();
                 progressed = true;
             }
+            if self.promoter.poll_timeout().is_some_and(|t| t <= now) {
+                if let Some(t) = self.service_task.take() {
+                    t.abort();
+                }
+                self.promoter.handle_timeout(now);
+                self.drain_promoter();
+                progressed = true;
+            }
             self.report_changes();
             if self.shutdown.is_some() && self.core.is_idle() {
                 break;
@@ -422,9 +455,10 @@ impl Driver {
                 }
                 continue;
             }
-            let timeout = self
-                .core
-                .poll_timeout()
+            let timeout = [self.core.poll_timeout(), self.promoter.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min()
                 .map(|t| Duration::from_millis(t.0.saturating_sub(self.now().0)));
             match &mut self.disk {
                 Backing::Ring(r) => {
@@ -509,6 +543,14 @@ impl Driver {
             }
             Event::WitnessReply(r) => self.core.handle_witness_reply(now, r),
             Event::FencePeerDone(code) => self.core.handle_fence_peer_done(now, code),
+            Event::ServiceDone { idx, result } => {
+                self.service_task = None;
+                if let Err(e) = &result {
+                    tracing::error!(resource = %self.name, service = %self.services[idx].name(), error = %e, "service failed");
+                }
+                self.promoter.handle_done(now, idx, result.is_ok());
+                self.drain_promoter();
+            }
             Event::PeerMsg {
                 conn,
                 term,
@@ -587,6 +629,10 @@ impl Driver {
                         Ok(()) => {
                             tracing::info!(resource = %self.name, device = %self.link.display(), loop_device = %dev.display(), "device ready");
                             self.loop_dev = Some(dev);
+                            if self.core.role() == Role::Primary {
+                                self.promoter.handle_promoted(now);
+                                self.drain_promoter();
+                            }
                         }
                         Err(e) => {
                             tracing::error!(resource = %self.name, error = %e, "device link");
@@ -605,6 +651,17 @@ impl Driver {
                 if let Some(r) = reply {
                     let _ = r.send(out);
                 }
+            }
+            Event::Shutdown { reply }
+                if matches!(
+                    self.promoter.phase(),
+                    Phase::Starting | Phase::Running | Phase::Stopping
+                ) =>
+            {
+                // Services first, then the demotion below.
+                self.shutdown_after_services = Some(reply);
+                self.promoter.handle_stop(now);
+                self.drain_promoter();
             }
             Event::Shutdown { reply } => {
                 if self.core.role() == Role::Primary {
@@ -710,6 +767,17 @@ impl Driver {
     }
 
     fn on_admin(&mut self, now: Instant, cmd: AdminCmd, reply: oneshot::Sender<Reply>) {
+        if cmd == AdminCmd::Demote && self.promoter.phase() != Phase::Idle {
+            if self.demote_reply.is_some() || self.shutdown_after_services.is_some() {
+                let _ = reply.send(Reply::err("services are already being stopped"));
+                return;
+            }
+            // Stop the services in reverse; the demotion follows when they are down.
+            self.demote_reply = Some(reply);
+            self.promoter.handle_stop(now);
+            self.drain_promoter();
+            return;
+        }
         if self.device_busy {
             let _ = reply.send(Reply::err("a role change is still in progress; try again"));
             return;
@@ -800,6 +868,16 @@ impl Driver {
             return;
         }
         self.fuse.set_writable(false);
+        if self.promoter.phase() != Phase::Idle {
+            // Stepped down (a newer term): stop the services, then let the device go.
+            if let Some(r) = reply {
+                let _ = r.send(Reply::ok("secondary; stopping the services"));
+            }
+            let now = self.now();
+            self.promoter.handle_stop(now);
+            self.drain_promoter();
+            return;
+        }
         if let Some(dev) = &self.loop_dev {
             if frontend::in_use(dev) {
                 // A step-down forced by a newer primary: the users see I/O errors; the
@@ -839,6 +917,91 @@ impl Driver {
     fn drain(&mut self) {
         while let Some(a) = self.core.poll_action() {
             self.act(a);
+        }
+    }
+
+    fn drain_promoter(&mut self) {
+        while let Some(a) = self.promoter.poll_action() {
+            self.act_promoter(a);
+        }
+    }
+
+    fn act_promoter(&mut self, a: PromoterAction) {
+        let now = self.now();
+        match a {
+            PromoterAction::Start { idx } | PromoterAction::Stop { idx } => {
+                let start = matches!(a, PromoterAction::Start { .. });
+                let services = self.services.clone();
+                let ctx = services::Context {
+                    resource: self.name.clone(),
+                    node: self.peer.local_node.clone(),
+                    device: self.link.clone(),
+                };
+                tracing::info!(resource = %self.name, service = %services[idx].name(), "{} service", if start { "starting" } else { "stopping" });
+                let tx = self.tx.clone();
+                let task = self.rt.spawn(async move {
+                    let svc = &services[idx];
+                    let result = if start {
+                        svc.start(&ctx).await
+                    } else {
+                        svc.stop(&ctx).await
+                    };
+                    let _ = tx.send(Event::ServiceDone { idx, result });
+                });
+                self.service_task = Some(task.abort_handle());
+            }
+            PromoterAction::Demote { after_failure } => {
+                if after_failure {
+                    tracing::error!(resource = %self.name, failure = self.promoter.last_failure().unwrap_or(""), "a service failed to start: demoting so that the peer may take over");
+                }
+                if let Some(r) = self.shutdown_after_services.take() {
+                    self.handle(Event::Shutdown { reply: r });
+                    return;
+                }
+                let reply = self.demote_reply.take();
+                if self.core.role() == Role::Primary {
+                    let (tx, rx) = oneshot::channel();
+                    self.on_admin(now, AdminCmd::Demote, tx);
+                    if let Some(r) = reply {
+                        // The demotion's own answer, once it has one.
+                        self.rt.spawn(async move {
+                            if let Ok(out) = rx.await {
+                                let _ = r.send(out);
+                            }
+                        });
+                    }
+                } else {
+                    // Already secondary (a step-down): now the device can go.
+                    self.on_role_changed(Role::Secondary);
+                    if let Some(r) = reply {
+                        let _ = r.send(Reply::ok("secondary"));
+                    }
+                }
+            }
+            PromoterAction::Escalate(policy) => {
+                let failure = self.promoter.last_failure().unwrap_or("").to_string();
+                if let Some(r) = self.demote_reply.take() {
+                    let _ = r.send(Reply::err(format!("not demoted: {failure}")));
+                }
+                tracing::error!(resource = %self.name, %failure, ?policy, "a service did not stop");
+                match policy {
+                    OnDemoteFailure::None => {}
+                    OnDemoteFailure::Exit => std::process::exit(1),
+                    OnDemoteFailure::Reboot | OnDemoteFailure::Poweroff => {
+                        let cmd = if policy == OnDemoteFailure::Reboot {
+                            "reboot"
+                        } else {
+                            "poweroff"
+                        };
+                        if let Err(e) = std::process::Command::new(cmd).arg("-f").status() {
+                            tracing::error!(resource = %self.name, error = %e, "{cmd} -f");
+                        }
+                    }
+                }
+                if let Some(r) = self.shutdown_after_services.take() {
+                    self.handle(Event::Shutdown { reply: r });
+                }
+            }
         }
     }
 
@@ -1147,6 +1310,14 @@ impl Driver {
             o.insert(
                 "node".into(),
                 serde_json::Value::String(self.peer.local_node.clone()),
+            );
+            o.insert(
+                "services".into(),
+                serde_json::json!({
+                    "phase": self.promoter.phase(),
+                    "last_failure": self.promoter.last_failure(),
+                    "list": self.promoter.services().map(|(s, st)| serde_json::json!({"name": s.name, "state": st})).collect::<Vec<_>>(),
+                }),
             );
             o.insert(
                 "device".into(),

@@ -9,4 +9,5 @@ pub mod md;
 pub mod net;
 pub mod process;
 pub mod sendq;
+pub mod services;
 pub mod watchdog;

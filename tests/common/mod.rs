@@ -469,6 +469,11 @@ impl Cluster {
         m
     }
 
+    /// Unmount `m` when the cluster drops, if something (a service) mounted it.
+    pub fn track_mount(&mut self, m: PathBuf) {
+        self.mounts.push(m);
+    }
+
     pub fn umount(&mut self, m: &Path) {
         sh(Command::new("umount").arg(m));
         self.mounts.retain(|x| x != m);

@@ -1,0 +1,141 @@
+//! End to end with services: the promoter mounts ext4 on the replicated device and runs
+//! a service on it after promotion, stops both in reverse before demotion, takes over on
+//! the survivor when the primary dies, and demotes again when a service fails to start.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Cluster, Opts};
+
+const LEASE_MS: u64 = 1500;
+
+/// A pair with a witness and ext4 on the device, then restarted with two services:
+/// the file system mounted at `mnt-{node}`, and an `exec` service that drops a marker
+/// file there (refusing to start on the node named `fail_on`). Nobody is primary.
+fn takeover_cluster(test: &str, fail_on: &str) -> Cluster {
+    let mut c = Cluster::new(test, Opts::default());
+    c.with_witness("C", LEASE_MS, "");
+    c.up(0, true);
+    c.mkfs(0);
+    c.ctl(0, &["demote", "r0"]);
+    c.wait_in_sync(30);
+    c.stop(0);
+    c.stop(1);
+
+    let dir = c.dir.display().to_string();
+    let services = format!(
+        "\n[[resource.r0.service]]\ntype = \"mount\"\nmount-point = \"{dir}/mnt-{{node}}\"\nfs-type = \"ext4\"\n\
+         \n[[resource.r0.service]]\ntype = \"exec\"\n\
+         start = \"[ $TANDEM_NODE != {fail_on} ] && echo $TANDEM_NODE > {dir}/mnt-$TANDEM_NODE/serving\"\n\
+         check = \"test -f {dir}/mnt-$TANDEM_NODE/serving\"\n\
+         stop = \"rm -f {dir}/mnt-$TANDEM_NODE/serving\"\n\
+         start-timeout-ms = 5000\n"
+    );
+    let cfg = std::fs::read_to_string(&c.config).expect("config");
+    std::fs::write(&c.config, cfg + &services).expect("config");
+    for n in ["alpha", "beta"] {
+        c.track_mount(mnt(&c, n));
+    }
+    c.start(0);
+    c.start(1);
+    c.wait_in_sync(30);
+    c
+}
+
+fn mnt(c: &Cluster, node: &str) -> PathBuf {
+    c.dir.join(format!("mnt-{node}"))
+}
+
+fn mounted(p: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*p.to_string_lossy()))
+}
+
+fn running(s: &serde_json::Value) -> bool {
+    s["role"] == "primary" && s["services"]["phase"] == "running"
+}
+
+#[test]
+fn services_follow_the_role_and_move_to_the_survivor() {
+    let mut c = takeover_cluster("takeover", "nobody");
+    c.ctl(0, &["promote", "r0"]);
+    let s = c.wait_for(0, "services running", 30, running);
+    let states: Vec<&str> = s["services"]["list"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|x| x["state"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(states, ["started", "started"], "{s:#}");
+    let a = mnt(&c, "alpha");
+    assert!(mounted(&a));
+    assert_eq!(
+        std::fs::read_to_string(a.join("serving")).expect("marker"),
+        "alpha\n"
+    );
+
+    // Demote: the services stop in reverse (marker gone, then unmounted), then the role.
+    let out = c.ctl(0, &["demote", "r0"]);
+    assert!(out.contains("secondary"), "{out}");
+    assert!(!mounted(&a), "still mounted after demote");
+    let s = c.status(0);
+    assert_eq!(s["role"], "secondary", "{s:#}");
+    assert_eq!(s["services"]["phase"], "idle", "{s:#}");
+
+    // Again primary, with data that must survive the crash.
+    c.ctl(0, &["promote", "r0"]);
+    let term = c.wait_for(0, "services running", 30, running)["term"]
+        .as_u64()
+        .unwrap_or(0);
+    let data: String = (0..2000).map(|i| format!("row {i}\n")).collect();
+    {
+        let f = a.join("data.txt");
+        std::fs::write(&f, &data).expect("write");
+        std::fs::File::open(&f)
+            .and_then(|f| f.sync_all())
+            .expect("fsync");
+    }
+
+    // The primary dies: beta is promoted through the witness and starts the services
+    // on its copy; ext4 replays its journal; the data is there.
+    c.kill(0);
+    let s = c.wait_for(1, "services running on the survivor", 30, running);
+    assert_eq!(s["term"].as_u64(), Some(term + 1), "{s:#}");
+    let b = mnt(&c, "beta");
+    assert!(mounted(&b));
+    assert_eq!(
+        std::fs::read_to_string(b.join("data.txt")).expect("data on the survivor"),
+        data
+    );
+    assert_eq!(
+        std::fs::read_to_string(b.join("serving")).expect("marker"),
+        "beta\n"
+    );
+}
+
+#[test]
+fn a_service_failing_on_the_survivor_demotes_it_and_leaves_nothing_mounted() {
+    let mut c = takeover_cluster("svcfail", "beta");
+    c.ctl(0, &["promote", "r0"]);
+    c.wait_for(0, "services running", 30, running);
+    c.kill(0);
+    // Beta is promoted, mounts, fails the exec start, unmounts and demotes.
+    let s = c.wait_for(1, "the failed takeover reported", 40, |s| {
+        s["services"]["last_failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("exec"))
+            && s["role"] == "secondary"
+            && s["services"]["phase"] == "idle"
+    });
+    let states: Vec<&str> = s["services"]["list"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|x| x["state"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(states, ["stopped", "stopped"], "{s:#}");
+    assert!(
+        !mounted(&mnt(&c, "beta")),
+        "left mounted after a failed start"
+    );
+    assert!(s["device"].is_null(), "device still attached: {s:#}");
+}
