@@ -53,6 +53,7 @@ struct RawGlobal {
     run_dir: Option<String>,
     watchdog: Option<String>,
     watchdog_timeout_s: Option<u32>,
+    http_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +114,8 @@ pub struct Config {
     /// A watchdog device to pet while healthy (off by default).
     pub watchdog: Option<PathBuf>,
     pub watchdog_timeout_s: u32,
+    /// The health and metrics endpoint (off when unset).
+    pub http_listen: Option<SocketAddr>,
     pub resources: Vec<ResourceConfig>,
 }
 
@@ -371,8 +374,18 @@ impl Config {
                 "must be 2..=600".into(),
             ));
         }
+        let http_listen = match raw.global.http_listen.as_deref() {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                key_err(
+                    "global.http-listen".into(),
+                    format!("{a:?} is not an IP:port address"),
+                )
+            })?),
+        };
         Ok(Config {
             file: file.to_string(),
+            http_listen,
             watchdog: raw
                 .global
                 .watchdog

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use common::{Cluster, Opts};
 
 const LEASE_MS: u64 = 1500;
+const HTTP_PORT: u16 = 8008;
 
 /// A pair with a witness and ext4 on the device, then restarted with two services:
 /// the file system mounted at `mnt-{node}`, and an `exec` service that drops a marker
@@ -34,6 +35,7 @@ fn takeover_cluster(test: &str, fail_on: &str) -> Cluster {
     );
     let cfg = std::fs::read_to_string(&c.config).expect("config");
     std::fs::write(&c.config, cfg + &services).expect("config");
+    c.add_global(&format!("http-listen = \"0.0.0.0:{HTTP_PORT}\""));
     for n in ["alpha", "beta"] {
         c.track_mount(mnt(&c, n));
     }
@@ -97,9 +99,34 @@ fn services_follow_the_role_and_move_to_the_survivor() {
             .expect("fsync");
     }
 
+    assert_eq!(c.http_get(0, HTTP_PORT, "/primary"), Some(200));
+    assert_eq!(c.http_get(1, HTTP_PORT, "/primary"), Some(503));
+    assert_eq!(c.http_get(1, HTTP_PORT, "/replica"), Some(200));
+
     // The primary dies: beta is promoted through the witness and starts the services
-    // on its copy; ext4 replays its journal; the data is there.
+    // on its copy; ext4 replays its journal; the data is there. /primary answers 200 on
+    // at most one node at every sample, and on beta at the end.
     c.kill(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut samples = 0;
+    loop {
+        let a = c.http_get(0, HTTP_PORT, "/primary");
+        let b = c.http_get(1, HTTP_PORT, "/primary");
+        samples += 1;
+        assert!(
+            !(a == Some(200) && b == Some(200)),
+            "both nodes answered /primary 200"
+        );
+        if b == Some(200) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "beta never served");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        samples > 5,
+        "the takeover was not sampled ({samples} samples)"
+    );
     let s = c.wait_for(1, "services running on the survivor", 30, running);
     assert_eq!(s["term"].as_u64(), Some(term + 1), "{s:#}");
     let b = mnt(&c, "beta");

@@ -204,6 +204,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::spawn(accept_loop(l, secret.clone(), daemon.clone()));
     }
     tokio::spawn(control_loop(control, daemon.clone()));
+    if let Some(addr) = cfg.http_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("http-listen {addr}"))?;
+        tracing::info!(%addr, "health and metrics endpoint");
+        tokio::spawn(http_loop(l, daemon.clone()));
+    }
     // Opened last: from here on a hang resets the node.
     let watchdog = match &cfg.watchdog {
         Some(path) => {
@@ -297,6 +304,77 @@ async fn watchdog_loop(
         }
         // SIGTERM arrived: the resources are being stopped on purpose.
         stopping = stopping || daemon.stopping.load(std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Serve `/primary`, `/replica`, `/health` and `/metrics` (`shell::http`), one request
+/// per connection.
+async fn http_loop(l: TcpListener, daemon: Arc<Daemon>) {
+    use tandem::shell::http;
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            let read = async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+            };
+            if tokio::time::timeout(std::time::Duration::from_secs(5), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let head = String::from_utf8_lossy(&head);
+            let resp = match http::request_path(&head) {
+                None => http::Response {
+                    code: 400,
+                    content_type: "text/plain; charset=utf-8",
+                    body: "bad request: GET a path over HTTP/1.x\n".into(),
+                },
+                Some(path) => {
+                    let mut statuses = Vec::new();
+                    for h in daemon.resources.values() {
+                        let (tx, rx) = oneshot::channel();
+                        if h.tx.send(Event::Status { reply: tx }) {
+                            if let Ok(Ok(v)) =
+                                tokio::time::timeout(std::time::Duration::from_secs(2), rx).await
+                            {
+                                statuses.push(v);
+                            }
+                        }
+                    }
+                    if statuses.len() < daemon.resources.len() {
+                        http::Response {
+                            code: 503,
+                            content_type: "text/plain; charset=utf-8",
+                            body: "a resource does not answer\n".into(),
+                        }
+                    } else {
+                        http::respond(path, &statuses)
+                    }
+                }
+            };
+            let out = format!(
+                "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                resp.code,
+                http::reason(resp.code),
+                resp.content_type,
+                resp.body.len(),
+                resp.body
+            );
+            let _ = s.write_all(out.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
     }
 }
 

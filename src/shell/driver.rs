@@ -229,7 +229,11 @@ struct Driver {
     next_req: u64,
     next_rx_buf: u64,
     next_read: u64,
-    writes: HashMap<u64, frontend::WriteDone>,
+    /// Application writes in flight, with when they arrived.
+    writes: HashMap<u64, (frontend::WriteDone, std::time::Instant)>,
+    /// Completed application writes and the sum of their latencies (for `/metrics`).
+    writes_done: u64,
+    write_latency_us_sum: u64,
     flushes: HashMap<u64, frontend::FlushDone>,
     reads: HashMap<u64, PendingRead>,
     peer: PeerSetup,
@@ -365,6 +369,8 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         next_rx_buf: 1,
         next_read: 1,
         writes: HashMap::new(),
+        writes_done: 0,
+        write_latency_us_sum: 0,
         flushes: HashMap::new(),
         reads: HashMap::new(),
         peer: s.peer,
@@ -686,7 +692,7 @@ impl Driver {
                 self.next_req += 1;
                 let len = data.len() as u64;
                 self.bufs.insert(req, Arc::new(data));
-                self.writes.insert(req, done);
+                self.writes.insert(req, (done, std::time::Instant::now()));
                 self.core.handle_app_write(now, ReqId(req), offset, len);
             }
             AppRequest::Flush { done } => {
@@ -1075,8 +1081,10 @@ impl Driver {
                 self.bufs.remove(&b.0);
             }
             Action::CompleteWrite { req, result } => {
-                if let Some(done) = self.writes.remove(&req.0) {
+                if let Some((done, since)) = self.writes.remove(&req.0) {
                     done(result.map_err(errno));
+                    self.writes_done += 1;
+                    self.write_latency_us_sum += since.elapsed().as_micros() as u64;
                 }
             }
             Action::CompleteFlush { req, result } => {
@@ -1310,6 +1318,13 @@ impl Driver {
             o.insert(
                 "node".into(),
                 serde_json::Value::String(self.peer.local_node.clone()),
+            );
+            o.insert(
+                "app_writes".into(),
+                serde_json::json!({
+                    "completed": self.writes_done,
+                    "latency_us_sum": self.write_latency_us_sum,
+                }),
             );
             o.insert(
                 "services".into(),

@@ -469,6 +469,34 @@ impl Cluster {
         m
     }
 
+    /// Add lines to the config's `[global]` table.
+    pub fn add_global(&self, lines: &str) {
+        let cfg = std::fs::read_to_string(&self.config).expect("config");
+        std::fs::write(
+            &self.config,
+            cfg.replacen("[global]\n", &format!("[global]\n{lines}\n"), 1),
+        )
+        .expect("config");
+    }
+
+    /// `GET path` on node `i`'s health endpoint at `port`, from inside its namespace:
+    /// the status code, or `None` when nothing answers.
+    pub fn http_get(&self, i: usize, port: u16, path: &str) -> Option<u16> {
+        let ip = self.nodes[i].addr.split(':').next().unwrap_or_default();
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\n\r\n");
+        in_netns(&self.nodes[i].ns, move || {
+            use std::io::Read;
+            let mut s =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+            s.write_all(req.as_bytes()).ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            out.split_whitespace().nth(1)?.parse().ok()
+        })
+    }
+
     /// Unmount `m` when the cluster drops, if something (a service) mounted it.
     pub fn track_mount(&mut self, m: PathBuf) {
         self.mounts.push(m);
