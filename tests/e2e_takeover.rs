@@ -11,10 +11,20 @@ use common::{Cluster, Opts};
 const LEASE_MS: u64 = 1500;
 const HTTP_PORT: u16 = 8008;
 
+/// An `exec` service that drops a marker file on the mount (refusing to start on the
+/// node named `fail_on`).
+fn marker_service(dir: &str, fail_on: &str) -> String {
+    format!(
+        "start = \"[ $TANDEM_NODE != {fail_on} ] && echo $TANDEM_NODE > {dir}/mnt-$TANDEM_NODE/serving\"\n\
+         check = \"test -f {dir}/mnt-$TANDEM_NODE/serving\"\n\
+         stop = \"rm -f {dir}/mnt-$TANDEM_NODE/serving\"\n"
+    )
+}
+
 /// A pair with a witness and ext4 on the device, then restarted with two services:
-/// the file system mounted at `mnt-{node}`, and an `exec` service that drops a marker
-/// file there (refusing to start on the node named `fail_on`). Nobody is primary.
-fn takeover_cluster(test: &str, fail_on: &str) -> Cluster {
+/// the file system mounted at `mnt-{node}`, and the `exec` service that
+/// `exec(test dir)` gives. Nobody is primary.
+fn takeover_cluster(test: &str, exec: impl Fn(&str) -> String) -> Cluster {
     let mut c = Cluster::new(test, Opts::default());
     c.with_witness("C", LEASE_MS, "");
     c.up(0, true);
@@ -27,11 +37,8 @@ fn takeover_cluster(test: &str, fail_on: &str) -> Cluster {
     let dir = c.dir.display().to_string();
     let services = format!(
         "\n[[resource.r0.service]]\ntype = \"mount\"\nmount-point = \"{dir}/mnt-{{node}}\"\nfs-type = \"ext4\"\n\
-         \n[[resource.r0.service]]\ntype = \"exec\"\n\
-         start = \"[ $TANDEM_NODE != {fail_on} ] && echo $TANDEM_NODE > {dir}/mnt-$TANDEM_NODE/serving\"\n\
-         check = \"test -f {dir}/mnt-$TANDEM_NODE/serving\"\n\
-         stop = \"rm -f {dir}/mnt-$TANDEM_NODE/serving\"\n\
-         start-timeout-ms = 5000\n"
+         \n[[resource.r0.service]]\ntype = \"exec\"\nstart-timeout-ms = 5000\n{}",
+        exec(&dir)
     );
     let cfg = std::fs::read_to_string(&c.config).expect("config");
     std::fs::write(&c.config, cfg + &services).expect("config");
@@ -62,7 +69,7 @@ fn running(s: &serde_json::Value) -> bool {
 
 #[test]
 fn services_follow_the_role_and_move_to_the_survivor() {
-    let mut c = takeover_cluster("takeover", "nobody");
+    let mut c = takeover_cluster("takeover", |d| marker_service(d, "nobody"));
     c.ctl(0, &["promote", "r0"]);
     let s = c.wait_for(0, "services running", 30, running);
     let states: Vec<&str> = s["services"]["list"]
@@ -143,7 +150,7 @@ fn services_follow_the_role_and_move_to_the_survivor() {
 
 #[test]
 fn a_service_failing_on_the_survivor_demotes_it_and_leaves_nothing_mounted() {
-    let mut c = takeover_cluster("svcfail", "beta");
+    let mut c = takeover_cluster("svcfail", |d| marker_service(d, "beta"));
     c.ctl(0, &["promote", "r0"]);
     c.wait_for(0, "services running", 30, running);
     c.kill(0);
@@ -165,4 +172,90 @@ fn a_service_failing_on_the_survivor_demotes_it_and_leaves_nothing_mounted() {
         "left mounted after a failed start"
     );
     assert!(s["device"].is_null(), "device still attached: {s:#}");
+}
+
+/// A writer as the service: appends numbered rows to `rows` on the mount, syncing each,
+/// and records the last acknowledged (synced) row outside the replicated disk. It
+/// continues from the last row the file holds, so a takeover shows any loss as a gap.
+fn writer_service(dir: &str) -> String {
+    let m = format!("{dir}/mnt-$TANDEM_NODE");
+    let body = format!(
+        "i=$(tail -n 1 {m}/rows 2>/dev/null || echo 0); \
+         while :; do i=$((i+1)); echo $i >> {m}/rows; sync {m}/rows; echo $i > {dir}/acked; done"
+    );
+    format!(
+        "start = \"nohup sh -c '{body}' >/dev/null 2>&1 & echo $! > {dir}/writer.pid\"\n\
+         check = \"test -s {m}/rows\"\n\
+         stop = \"p=$(cat {dir}/writer.pid); kill $p; while kill -0 $p 2>/dev/null; do sleep 0.05; done; rm -f {dir}/writer.pid\"\n"
+    )
+}
+
+fn acked(c: &Cluster) -> u64 {
+    std::fs::read_to_string(c.dir.join("acked"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The rows file holds 1..=n without a gap; returns n.
+fn rows_contiguous(p: &Path) -> u64 {
+    let text = std::fs::read_to_string(p).expect("rows");
+    let mut n = 0;
+    for l in text.lines() {
+        let v: u64 = l
+            .parse()
+            .unwrap_or_else(|_| panic!("torn row {l:?} after row {n}"));
+        assert_eq!(v, n + 1, "row {} follows row {n}", v);
+        n = v;
+    }
+    n
+}
+
+#[test]
+fn switchover_and_back_under_load_loses_no_acknowledged_row() {
+    let mut c = takeover_cluster("switch", writer_service);
+    c.ctl(0, &["promote", "r0"]);
+    c.wait_for(0, "services running", 30, running);
+    let wait_rows = |c: &Cluster, more: u64| {
+        let start = acked(c);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while acked(c) < start + more {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer is not writing"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_rows(&c, 50);
+
+    let e = c.ctl_fails(1, &["switchover", "r0"]);
+    assert!(e.contains("not primary"), "{e}");
+    let e = c.ctl_fails(0, &["switchover", "r0", "--to", "gamma"]);
+    assert!(e.contains("not the peer"), "{e}");
+
+    for (from, to, name) in [(0, 1, "beta"), (1, 0, "alpha")] {
+        let out = c.ctl(from, &["switchover", "r0", "--to", name]);
+        assert!(out.contains("switched over"), "{out}");
+        eprintln!("switchover to {name}: {out}");
+        let last_acked = acked(&c);
+        let s = c.wait_for(to, "services running after the switchover", 30, running);
+        assert_eq!(s["role"], "primary");
+        assert_eq!(c.status(from)["role"], "secondary");
+        assert!(!mounted(&mnt(&c, ["alpha", "beta"][from])));
+        // Every row acknowledged before the move is on the new primary, in order.
+        let n = rows_contiguous(&mnt(&c, name).join("rows"));
+        assert!(
+            n >= last_acked,
+            "row {last_acked} was acknowledged, {name} has {n}"
+        );
+        wait_rows(&c, 50);
+        c.wait_in_sync(30);
+    }
+    let n = rows_contiguous(&mnt(&c, "alpha").join("rows"));
+    assert!(
+        n >= acked(&c) - 1,
+        "alpha has {n} rows, {} acknowledged",
+        acked(&c)
+    );
 }

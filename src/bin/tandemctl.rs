@@ -79,6 +79,14 @@ enum Cmd {
     Disconnect { resource: String },
     /// Mark the local disk out of date: a full resync from the peer follows.
     Invalidate { resource: String },
+    /// Planned move (run on the primary): stop the services, demote, and have the peer
+    /// promote itself and start them; prints how long it took.
+    Switchover {
+        resource: String,
+        /// The node to move to (it must be this node's peer).
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 fn hostname() -> String {
@@ -116,6 +124,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         Cmd::Invalidate { resource } => Some(Request::Invalidate {
             resource: resource.clone(),
+        }),
+        Cmd::Switchover { resource, to } => Some(Request::Switchover {
+            resource: resource.clone(),
+            to: to.clone(),
         }),
     };
     if let Some(req) = request {

@@ -50,6 +50,8 @@ fn hostname() -> String {
 
 struct Daemon {
     resources: BTreeMap<String, Handle>,
+    /// Each resource's peer node.
+    peers: BTreeMap<String, String>,
     /// SIGTERM or SIGINT arrived.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -131,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut daemon = Daemon {
         resources: BTreeMap::new(),
+        peers: BTreeMap::new(),
         stopping: std::sync::atomic::AtomicBool::new(false),
     };
     for (i, r) in cfg.resources.iter().enumerate() {
@@ -196,6 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })
         .with_context(|| format!("resource {}", r.name))?;
         daemon.resources.insert(r.name.clone(), h);
+        daemon.peers.insert(r.name.clone(), peer.name.clone());
     }
     let daemon = Arc::new(daemon);
     avoid_reclaim_deadlocks();
@@ -586,8 +590,16 @@ async fn serve_control(s: UnixStream, daemon: Arc<Daemon>) {
                 }
                 return;
             }
+            Request::Switchover {
+                resource,
+                to: Some(to),
+            } if daemon.peers.get(resource) != Some(to) => Reply::err(format!(
+                "{to} is not the peer of this node for {resource} (the peer is {})",
+                daemon.peers.get(resource).map_or("unknown", |p| p.as_str())
+            )),
             other => {
                 let cmd = match other {
+                    Request::Switchover { .. } => AdminCmd::Switchover,
                     Request::Promote { force, .. } => AdminCmd::Promote { force: *force },
                     Request::Demote { .. } => AdminCmd::Demote,
                     Request::Connect {

@@ -101,11 +101,18 @@ pub enum ReqError {
 /// Operator commands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminCmd {
-    Promote { force: bool },
+    Promote {
+        force: bool,
+    },
     Demote,
-    Connect { discard_my_data: bool },
+    Connect {
+        discard_my_data: bool,
+    },
     Disconnect,
     Invalidate,
+    /// Demote, then have the peer take over once it is up to date (the services are
+    /// the driver's to stop first). Answered when the peer reports itself primary.
+    Switchover,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,6 +131,10 @@ pub enum AdminError {
     Busy(usize),
     #[error("a promotion through the witness is already in progress")]
     PromoteInProgress,
+    #[error("not primary: run switchover on the primary")]
+    NotPrimary,
+    #[error("the peer is not connected and up to date ({0}); a switchover would lose data")]
+    PeerNotReady(String),
 }
 
 /// How an accepted admin command ends.
@@ -416,6 +427,8 @@ pub enum Timer {
     QuorumLost,
     /// The lost primary has been silent long enough to ask for promotion.
     AutoPromote,
+    /// A switchover's peer has not reported itself primary in time.
+    Switchover,
 }
 
 /// What application I/O on a primary may do right now.
@@ -514,6 +527,8 @@ pub struct Resource {
     fence: FenceRun,
     /// This sync source's target has reported its inconsistency durable.
     peer_target_durable: bool,
+    /// A switchover waits until then for the peer to report itself primary.
+    switchover_until: Option<Instant>,
     // Keepalive.
     last_rx: Instant,
     next_ping: Option<Instant>,
@@ -602,6 +617,7 @@ impl Resource {
             resync_done_early: None,
             fence: FenceRun::NotRun,
             peer_target_durable: false,
+            switchover_until: None,
             last_rx: now,
             next_ping: None,
             ping_id: 0,
@@ -849,7 +865,7 @@ impl Resource {
         t.iter().filter_map(|(_, d)| *d).min()
     }
 
-    fn timer_deadlines(&self) -> [(Timer, Option<Instant>); 6] {
+    fn timer_deadlines(&self) -> [(Timer, Option<Instant>); 7] {
         let connected = self.connected();
         let witness_due =
             (self.p.witness && self.wl.in_flight.is_none()).then_some(self.wl.next_at);
@@ -865,6 +881,7 @@ impl Resource {
             _ => None,
         };
         [
+            (Timer::Switchover, self.switchover_until),
             (Timer::Witness, witness_due),
             (Timer::QuorumLost, quorum_lost),
             (Timer::AutoPromote, auto_promote),
@@ -914,6 +931,13 @@ impl Resource {
                     self.witness_tick(true);
                 }
                 Timer::QuorumLost => {}
+                Timer::Switchover => {
+                    self.switchover_until = None;
+                    self.actions.push_back(Action::AdminDone(Err(
+                        "demoted, but the peer did not take over in time; promote one node by hand"
+                            .into(),
+                    )));
+                }
                 Timer::AutoPromote => {
                     if self.auto_promote_possible() {
                         tracing::warn!(
@@ -1209,6 +1233,7 @@ impl Resource {
                 | Msg::ResyncDone { .. }
                 | Msg::Barrier { .. }
                 | Msg::State { primary: true, .. }
+                | Msg::Handover
         )
     }
 
@@ -1236,6 +1261,7 @@ impl Resource {
                 }
             }
             Msg::BitmapEnd => self.on_bitmap_end(),
+            Msg::Handover => self.on_handover(),
             Msg::Data {
                 seq,
                 epoch,
@@ -1329,6 +1355,10 @@ impl Resource {
                     Role::Secondary
                 };
                 self.peer_disk = DiskState::from_code(disk);
+                if primary && self.switchover_until.take().is_some() {
+                    tracing::info!(resource = %self.p.resource, peer = %self.p.peer_node, "switchover: the peer is primary");
+                    self.actions.push_back(Action::AdminDone(Ok(())));
+                }
                 // A sync target says so only once its inconsistency is on disk: from
                 // then on a crash of it cannot bring back an older, up-to-date-looking
                 // disk, and writes it misses need no fencing.
@@ -1415,17 +1445,19 @@ impl Resource {
                 if self.role != Role::Primary {
                     return Ok(AdminReply::Done);
                 }
-                if !self.writes.is_empty() || !self.pending.is_empty() {
-                    return Err(AdminError::Busy(self.writes.len() + self.pending.len()));
-                }
-                self.role = Role::Secondary;
-                self.sb.set(meta::FLAG_PRIMARY_ACTIVE, false);
-                self.persist_dirty_pages();
-                self.persist_superblock();
-                self.actions.push_back(Action::RoleChanged(Role::Secondary));
-                self.send_state();
-                self.leave_primary();
+                self.demote()?;
                 Ok(AdminReply::Done)
+            }
+            AdminCmd::Switchover => {
+                self.switchover_precheck()?;
+                self.demote()?;
+                // After our State: the peer sees a secondary, then the request.
+                self.send(Msg::Handover);
+                self.switchover_until = Some(
+                    self.now
+                        .plus_ms(2 * self.p.lease_ms + 2 * self.p.ping_timeout_ms),
+                );
+                Ok(AdminReply::Pending)
             }
             AdminCmd::Connect { discard_my_data } => {
                 if discard_my_data && self.role == Role::Primary {
@@ -1469,6 +1501,66 @@ impl Resource {
     }
 
     // ----- roles ---------------------------------------------------------------------
+
+    /// What refuses a switchover before anything is stopped: the peer must be connected
+    /// and hold every write, or handing over would lose data.
+    pub fn switchover_precheck(&self) -> Result<(), AdminError> {
+        if self.role != Role::Primary {
+            return Err(AdminError::NotPrimary);
+        }
+        if self.conn != Conn::Established
+            || self.peer_disk != DiskState::UpToDate
+            || self.bitmap.count() > 0
+        {
+            return Err(AdminError::PeerNotReady(format!(
+                "replication {}, peer disk {:?}, {} bytes out of sync",
+                self.status().replication,
+                self.peer_disk,
+                self.bitmap.out_of_sync_bytes()
+            )));
+        }
+        Ok(())
+    }
+
+    fn demote(&mut self) -> Result<(), AdminError> {
+        if !self.writes.is_empty() || !self.pending.is_empty() {
+            return Err(AdminError::Busy(self.writes.len() + self.pending.len()));
+        }
+        self.role = Role::Secondary;
+        self.sb.set(meta::FLAG_PRIMARY_ACTIVE, false);
+        self.persist_dirty_pages();
+        self.persist_superblock();
+        self.actions.push_back(Action::RoleChanged(Role::Secondary));
+        self.send_state();
+        self.leave_primary();
+        Ok(())
+    }
+
+    /// The peer asked this node to take over (a switchover): promote it as `promote`
+    /// would, through the witness when there is one.
+    fn on_handover(&mut self) {
+        if self.role == Role::Primary || self.want_promote.is_some() {
+            return;
+        }
+        if let Err(e) = self.promote_precheck() {
+            tracing::error!(resource = %self.p.resource, error = %e, "switchover: the peer asked this node to take over, but it cannot");
+            return;
+        }
+        tracing::info!(resource = %self.p.resource, "switchover: taking over from the peer");
+        if !self.p.witness {
+            if let Err(e) = self.promote(false) {
+                tracing::error!(resource = %self.p.resource, error = %e, "switchover promotion failed");
+            }
+            return;
+        }
+        self.want_promote = Some(PromoteWant {
+            manual: true,
+            give_up_at: self
+                .now
+                .plus_ms(2 * self.p.lease_ms + self.p.ping_timeout_ms),
+        });
+        self.witness_tick(false);
+    }
 
     /// What stops a promotion through the witness before it is even asked.
     fn promote_precheck(&self) -> Result<(), AdminError> {

@@ -127,6 +127,8 @@ pub enum Msg {
     PingAck {
         id: u64,
     },
+    /// A primary that has just demoted for a switchover asks its peer to take over.
+    Handover,
     // Between a data node and the witness.
     WitnessRequest(witness::Request),
     WitnessReply(witness::Reply),
@@ -154,6 +156,7 @@ impl Msg {
             Msg::State { .. } => 22,
             Msg::Ping { .. } => 23,
             Msg::PingAck { .. } => 24,
+            Msg::Handover => 25,
             Msg::WitnessRequest(_) => 30,
             Msg::WitnessReply(_) => 31,
         }
@@ -214,7 +217,7 @@ impl Msg {
                     e.u64(*l);
                 }
             }
-            Msg::BitmapEnd => {}
+            Msg::BitmapEnd | Msg::Handover => {}
             Msg::Data {
                 seq,
                 epoch,
@@ -361,6 +364,7 @@ impl Msg {
             },
             23 => Msg::Ping { id: d.u64("ping")? },
             24 => Msg::PingAck { id: d.u64("ping")? },
+            25 => Msg::Handover,
             30 => Msg::WitnessRequest(witness::Request {
                 op: witness::Op::from_code(d.u8("witness request")?)
                     .ok_or(WireError::Malformed("witness request"))?,

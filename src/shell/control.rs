@@ -38,6 +38,12 @@ pub enum Request {
     Invalidate {
         resource: String,
     },
+    Switchover {
+        resource: String,
+        /// The node to hand over to (with two nodes: the peer).
+        #[serde(default)]
+        to: Option<String>,
+    },
 }
 
 impl Request {
@@ -48,7 +54,8 @@ impl Request {
             | Request::Demote { resource }
             | Request::Connect { resource, .. }
             | Request::Disconnect { resource }
-            | Request::Invalidate { resource } => Some(resource),
+            | Request::Invalidate { resource }
+            | Request::Switchover { resource, .. } => Some(resource),
         }
     }
 }

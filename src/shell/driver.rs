@@ -259,8 +259,11 @@ struct Driver {
     services: Arc<Vec<Service>>,
     /// The start or stop running for the promoter; aborted when it runs too long.
     service_task: Option<tokio::task::AbortHandle>,
-    /// A demotion (or shutdown) waiting for the services to stop.
-    demote_reply: Option<oneshot::Sender<Reply>>,
+    /// A demotion or switchover waiting for the services to stop.
+    after_services: Option<(AdminCmd, oneshot::Sender<Reply>)>,
+    /// A switchover waiting for the peer to take over, and when it was asked for.
+    switchover: Option<(oneshot::Sender<Reply>, std::time::Instant, u64)>,
+    switchover_asked: Option<std::time::Instant>,
     shutdown_after_services: Option<oneshot::Sender<()>>,
 }
 
@@ -396,7 +399,9 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         ),
         services: Arc::new(s.services),
         service_task: None,
-        demote_reply: None,
+        after_services: None,
+        switchover: None,
+        switchover_asked: None,
         shutdown_after_services: None,
     };
     std::thread::Builder::new()
@@ -773,16 +778,27 @@ impl Driver {
     }
 
     fn on_admin(&mut self, now: Instant, cmd: AdminCmd, reply: oneshot::Sender<Reply>) {
-        if cmd == AdminCmd::Demote && self.promoter.phase() != Phase::Idle {
-            if self.demote_reply.is_some() || self.shutdown_after_services.is_some() {
+        let demoting = matches!(cmd, AdminCmd::Demote | AdminCmd::Switchover);
+        if cmd == AdminCmd::Switchover && self.switchover_asked.is_none() {
+            if let Err(e) = self.core.switchover_precheck() {
+                let _ = reply.send(Reply::err(e.to_string()));
+                return;
+            }
+            self.switchover_asked = Some(std::time::Instant::now());
+        }
+        if demoting && self.promoter.phase() != Phase::Idle {
+            if self.after_services.is_some() || self.shutdown_after_services.is_some() {
                 let _ = reply.send(Reply::err("services are already being stopped"));
                 return;
             }
             // Stop the services in reverse; the demotion follows when they are down.
-            self.demote_reply = Some(reply);
+            self.after_services = Some((cmd, reply));
             self.promoter.handle_stop(now);
             self.drain_promoter();
             return;
+        }
+        if cmd == AdminCmd::Switchover {
+            return self.switchover(now, reply);
         }
         if self.device_busy {
             let _ = reply.send(Reply::err("a role change is still in progress; try again"));
@@ -809,6 +825,7 @@ impl Driver {
             AdminCmd::Connect { .. } => "connecting",
             AdminCmd::Disconnect => "disconnected",
             AdminCmd::Invalidate => "invalidated: full resync from the peer",
+            AdminCmd::Switchover => "switched over",
         };
         self.admin_reply = Some(reply);
         let out = self.core.handle_admin(now, cmd);
@@ -926,6 +943,32 @@ impl Driver {
         }
     }
 
+    /// The services are down: demote and hand over to the peer.
+    fn switchover(&mut self, now: Instant, reply: oneshot::Sender<Reply>) {
+        let asked = self
+            .switchover_asked
+            .take()
+            .unwrap_or_else(std::time::Instant::now);
+        if let Some(dev) = &self.loop_dev {
+            if frontend::in_use(dev) {
+                let _ = reply.send(Reply::err(format!(
+                    "{} is in use (mounted or held open) outside the services; unmount it first",
+                    self.link.display()
+                )));
+                return;
+            }
+        }
+        match self.core.handle_admin(now, AdminCmd::Switchover) {
+            Err(e) => {
+                let _ = reply.send(Reply::err(e.to_string()));
+            }
+            Ok(_) => {
+                self.switchover = Some((reply, asked, asked.elapsed().as_millis() as u64));
+            }
+        }
+        self.drain();
+    }
+
     fn drain_promoter(&mut self) {
         while let Some(a) = self.promoter.poll_action() {
             self.act_promoter(a);
@@ -964,31 +1007,30 @@ impl Driver {
                     self.handle(Event::Shutdown { reply: r });
                     return;
                 }
-                let reply = self.demote_reply.take();
-                if self.core.role() == Role::Primary {
-                    let (tx, rx) = oneshot::channel();
-                    self.on_admin(now, AdminCmd::Demote, tx);
-                    if let Some(r) = reply {
-                        // The demotion's own answer, once it has one.
-                        self.rt.spawn(async move {
-                            if let Ok(out) = rx.await {
-                                let _ = r.send(out);
-                            }
-                        });
+                match self.after_services.take() {
+                    Some((cmd, reply)) if self.core.role() == Role::Primary => {
+                        self.on_admin(now, cmd, reply)
                     }
-                } else {
-                    // Already secondary (a step-down): now the device can go.
-                    self.on_role_changed(Role::Secondary);
-                    if let Some(r) = reply {
-                        let _ = r.send(Reply::ok("secondary"));
+                    Some((_, reply)) => {
+                        // Already secondary (a step-down): now the device can go.
+                        self.on_role_changed(Role::Secondary);
+                        let _ = reply.send(Reply::err(
+                            "this node was made secondary meanwhile (a newer term)",
+                        ));
                     }
+                    None if self.core.role() == Role::Primary => {
+                        let (tx, _) = oneshot::channel();
+                        self.on_admin(now, AdminCmd::Demote, tx);
+                    }
+                    None => self.on_role_changed(Role::Secondary),
                 }
             }
             PromoterAction::Escalate(policy) => {
                 let failure = self.promoter.last_failure().unwrap_or("").to_string();
-                if let Some(r) = self.demote_reply.take() {
+                if let Some((_, r)) = self.after_services.take() {
                     let _ = r.send(Reply::err(format!("not demoted: {failure}")));
                 }
+                self.switchover_asked = None;
                 tracing::error!(resource = %self.name, %failure, ?policy, "a service did not stop");
                 match policy {
                     OnDemoteFailure::None => {}
@@ -1108,6 +1150,18 @@ impl Driver {
                 }
             }
             Action::RoleChanged(role) => self.on_role_changed(role),
+            Action::AdminDone(result) if self.switchover.is_some() => {
+                if let Some((r, asked, demoted_ms)) = self.switchover.take() {
+                    let _ = r.send(match result {
+                        Ok(()) => Reply::ok(format!(
+                            "switched over: {} is primary {} ms after the request (this node demoted after {demoted_ms} ms; its services start now)",
+                            self.peer.peer_node,
+                            asked.elapsed().as_millis()
+                        )),
+                        Err(e) => Reply::err(e),
+                    });
+                }
+            }
             Action::AdminDone(result) => {
                 if let Some(r) = self.promote_reply.take() {
                     let _ = r.send(match result {
