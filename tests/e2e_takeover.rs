@@ -213,7 +213,7 @@ fn rows_contiguous(p: &Path) -> u64 {
 
 #[test]
 fn switchover_and_back_under_load_loses_no_acknowledged_row() {
-    let mut c = takeover_cluster("switch", writer_service);
+    let c = takeover_cluster("switch", writer_service);
     c.ctl(0, &["promote", "r0"]);
     c.wait_for(0, "services running", 30, running);
     let wait_rows = |c: &Cluster, more: u64| {
