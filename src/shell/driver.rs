@@ -806,7 +806,7 @@ impl Driver {
         }
         if cmd == AdminCmd::Demote && self.core.role() == Role::Primary {
             if let Some(dev) = &self.loop_dev {
-                if frontend::in_use(dev) {
+                if frontend::in_use_settled(dev) {
                     let _ = reply.send(Reply::err(format!(
                         "{} ({}) is in use (mounted or held open); unmount it first",
                         self.link.display(),
@@ -950,7 +950,7 @@ impl Driver {
             .take()
             .unwrap_or_else(std::time::Instant::now);
         if let Some(dev) = &self.loop_dev {
-            if frontend::in_use(dev) {
+            if frontend::in_use_settled(dev) {
                 let _ = reply.send(Reply::err(format!(
                     "{} is in use (mounted or held open) outside the services; unmount it first",
                     self.link.display()

@@ -396,6 +396,18 @@ pub fn in_use(dev: &Path) -> bool {
     }
 }
 
+/// [`in_use`], allowing up to half a second for a holder that is just letting go (a
+/// file system unmounted a moment ago by a service, a probe by udev).
+pub fn in_use_settled(dev: &Path) -> bool {
+    for _ in 0..25 {
+        if !in_use(dev) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
 /// Point `link` at `target`, replacing an old link.
 pub fn make_link(link: &Path, target: &Path) -> Result<(), FrontendError> {
     if let Some(dir) = link.parent() {
