@@ -8,6 +8,8 @@
 //! logs of a failed test are printed first.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
