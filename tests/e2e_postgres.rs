@@ -31,7 +31,7 @@ fn demo() {
 
 #[test]
 fn switchover_and_back_under_load_loses_no_acknowledged_row() {
-    let c = pg_serving("pgswitch", "C");
+    let c = pg_serving("pgswitch", "C", 128 << 20);
     let w = RowWriter::start(&c);
     w.wait_more(50, 30, "before the switchover");
     for (from, to) in [(0, 1), (1, 0)] {

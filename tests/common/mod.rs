@@ -115,6 +115,9 @@ pub struct Cluster {
     pub witness_ns: Option<String>,
     pub witness_addr: String,
     pub witness_child: Option<Child>,
+    /// Command-line patterns of processes services started (a database), killed first
+    /// when the cluster drops.
+    kill_patterns: Vec<String>,
 }
 
 impl Cluster {
@@ -147,6 +150,7 @@ impl Cluster {
             witness_ns: None,
             witness_addr: format!("{subnet}.3:7790"),
             witness_child: None,
+            kill_patterns: Vec::new(),
         };
         sh(Command::new("ip").args(["netns", "add", &c.bridge_ns]));
         sh(Command::new("ip").args(["-n", &c.bridge_ns, "link", "add", "br0", "type", "bridge"]));
@@ -499,6 +503,12 @@ impl Cluster {
         })
     }
 
+    /// SIGKILL processes whose command line contains `pattern` when the cluster drops:
+    /// what services started outside the daemons' own process tree.
+    pub fn kill_on_drop(&mut self, pattern: String) {
+        self.kill_patterns.push(pattern);
+    }
+
     /// Unmount `m` when the cluster drops, if something (a service) mounted it.
     pub fn track_mount(&mut self, m: PathBuf) {
         self.mounts.push(m);
@@ -686,6 +696,13 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.tail_logs();
+        }
+        for p in &self.kill_patterns {
+            let _ = quiet(Command::new("pkill").args(["-9", "-f", p]));
+        }
+        if !self.kill_patterns.is_empty() {
+            // Their children exit once they see the parent gone.
+            std::thread::sleep(Duration::from_millis(300));
         }
         for m in self.mounts.clone() {
             if !quiet(Command::new("umount").arg(&m)) {

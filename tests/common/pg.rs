@@ -15,9 +15,16 @@ pub const PG_PORT: u16 = 5433;
 
 /// A pair with a witness; PostgreSQL initialised on the replicated ext4; both daemons
 /// restarted with the services `mount` and `exec` (pg_ctl). Nobody is primary yet.
-pub fn pg_cluster(test: &str, protocol: &str) -> Cluster {
-    let mut c = Cluster::new(test, Opts::default());
+pub fn pg_cluster(test: &str, protocol: &str, disk_bytes: u64) -> Cluster {
+    let mut c = Cluster::new(
+        test,
+        Opts {
+            disk_bytes: [disk_bytes; 2],
+            ..Opts::default()
+        },
+    );
     c.with_witness(protocol, LEASE_MS, "");
+    c.kill_on_drop(format!("{}/mnt-", c.dir.display()));
     c.up(0, true);
     c.mkfs(0);
     let dir = c.dir.display().to_string();
@@ -231,8 +238,8 @@ pub fn pg_amcheck(c: &Cluster, i: usize) {
 }
 
 /// `pg_cluster` with `alpha` promoted, PostgreSQL serving there and table `t` created.
-pub fn pg_serving(test: &str, protocol: &str) -> Cluster {
-    let mut c = pg_cluster(test, protocol);
+pub fn pg_serving(test: &str, protocol: &str, disk_bytes: u64) -> Cluster {
+    let mut c = pg_cluster(test, protocol, disk_bytes);
     for n in ["alpha", "beta"] {
         c.track_mount(c.dir.join(format!("mnt-{n}")));
     }
@@ -265,7 +272,7 @@ pub fn crash_scenario(test: &str, protocol: &str, say: &dyn Fn(&str)) -> CrashRe
     say(&format!(
         "starting two data nodes and a witness (protocol {protocol}), PostgreSQL on alpha"
     ));
-    let mut c = pg_serving(test, protocol);
+    let mut c = pg_serving(test, protocol, 128 << 20);
     let w = RowWriter::start(&c);
     w.wait_more(100, 30, "before the crash");
     say(&format!(
