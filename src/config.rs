@@ -73,6 +73,9 @@ struct RawResource {
     fence_peer_timeout_ms: Option<u64>,
     resync_window_bytes: Option<u64>,
     on_demote_failure: Option<String>,
+    preferred_node: Option<String>,
+    fail_back: Option<bool>,
+    fail_back_delay_ms: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
     #[serde(default)]
@@ -141,6 +144,11 @@ pub struct ResourceConfig {
     /// Started in order after promotion, stopped in reverse before demotion.
     pub services: Vec<Service>,
     pub on_demote_failure: OnDemoteFailure,
+    /// The node that should serve when both can; only acted on with `fail_back`.
+    pub preferred_node: Option<String>,
+    /// Hand back to `preferred_node` once it is in sync again (off by default).
+    pub fail_back: bool,
+    pub fail_back_delay_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -347,6 +355,24 @@ impl Config {
                     )
                 })?);
             }
+            if let Some(p) = &r.preferred_node {
+                if p != &a.name && p != &b.name {
+                    return Err(key_err(
+                        k("preferred-node"),
+                        format!(
+                            "{p:?} is not one of the nodes {:?} and {:?}",
+                            a.name, b.name
+                        ),
+                    ));
+                }
+            }
+            let fail_back = r.fail_back.unwrap_or(false);
+            if fail_back && r.preferred_node.is_none() {
+                return Err(key_err(
+                    k("fail-back"),
+                    "needs a preferred-node to fail back to".into(),
+                ));
+            }
             resources.push(ResourceConfig {
                 name,
                 protocol,
@@ -365,6 +391,9 @@ impl Config {
                 nodes: [a, b],
                 services,
                 on_demote_failure,
+                preferred_node: r.preferred_node,
+                fail_back,
+                fail_back_delay_ms: r.fail_back_delay_ms.unwrap_or(10_000),
             });
         }
         let watchdog_timeout_s = raw.global.watchdog_timeout_s.unwrap_or(10);

@@ -161,6 +161,14 @@ fn mistakes_name_key_and_file() {
             GOOD.replace("on-no-quorum", "on-demote-failure = \"panic\"\non-no-quorum"),
             "resource.pg.on-demote-failure",
         ),
+        (
+            GOOD.replace("on-no-quorum", "preferred-node = \"gamma\"\non-no-quorum"),
+            "resource.pg.preferred-node",
+        ),
+        (
+            GOOD.replace("on-no-quorum", "fail-back = true\non-no-quorum"),
+            "resource.pg.fail-back: needs a preferred-node",
+        ),
         ("[global]\n".to_string(), "no resource defined"),
         ("this is not toml".to_string(), "t.toml"),
     ];

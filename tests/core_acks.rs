@@ -47,6 +47,8 @@ impl One {
             auto_promote: false,
             witness_seq_base: 0,
             fence_peer_timeout_ms: 1000,
+            fail_back_to_peer: false,
+            fail_back_delay_ms: 10_000,
         };
         let mut p = p;
         tweak(&mut p);

@@ -24,9 +24,9 @@ fn marker_service(dir: &str, fail_on: &str) -> String {
 /// A pair with a witness and ext4 on the device, then restarted with two services:
 /// the file system mounted at `mnt-{node}`, and the `exec` service that
 /// `exec(test dir)` gives. Nobody is primary.
-fn takeover_cluster(test: &str, exec: impl Fn(&str) -> String) -> Cluster {
+fn takeover_cluster(test: &str, extra: &str, exec: impl Fn(&str) -> String) -> Cluster {
     let mut c = Cluster::new(test, Opts::default());
-    c.with_witness("C", LEASE_MS, "");
+    c.with_witness("C", LEASE_MS, extra);
     c.up(0, true);
     c.mkfs(0);
     c.ctl(0, &["demote", "r0"]);
@@ -69,7 +69,7 @@ fn running(s: &serde_json::Value) -> bool {
 
 #[test]
 fn services_follow_the_role_and_move_to_the_survivor() {
-    let mut c = takeover_cluster("takeover", |d| marker_service(d, "nobody"));
+    let mut c = takeover_cluster("takeover", "", |d| marker_service(d, "nobody"));
     c.ctl(0, &["promote", "r0"]);
     let s = c.wait_for(0, "services running", 30, running);
     let states: Vec<&str> = s["services"]["list"]
@@ -150,7 +150,7 @@ fn services_follow_the_role_and_move_to_the_survivor() {
 
 #[test]
 fn a_service_failing_on_the_survivor_demotes_it_and_leaves_nothing_mounted() {
-    let mut c = takeover_cluster("svcfail", |d| marker_service(d, "beta"));
+    let mut c = takeover_cluster("svcfail", "", |d| marker_service(d, "beta"));
     c.ctl(0, &["promote", "r0"]);
     c.wait_for(0, "services running", 30, running);
     c.kill(0);
@@ -213,7 +213,7 @@ fn rows_contiguous(p: &Path) -> u64 {
 
 #[test]
 fn switchover_and_back_under_load_loses_no_acknowledged_row() {
-    let c = takeover_cluster("switch", writer_service);
+    let c = takeover_cluster("switch", "", writer_service);
     c.ctl(0, &["promote", "r0"]);
     c.wait_for(0, "services running", 30, running);
     let wait_rows = |c: &Cluster, more: u64| {
@@ -257,5 +257,32 @@ fn switchover_and_back_under_load_loses_no_acknowledged_row() {
         n >= acked(&c) - 1,
         "alpha has {n} rows, {} acknowledged",
         acked(&c)
+    );
+}
+
+#[test]
+fn fail_back_to_the_preferred_node_once_it_is_in_sync_again() {
+    let mut c = takeover_cluster(
+        "failback",
+        "preferred-node = \"alpha\"\nfail-back = true\nfail-back-delay-ms = 1000",
+        |d| marker_service(d, "nobody"),
+    );
+    c.ctl(0, &["promote", "r0"]);
+    c.wait_for(0, "services running", 30, running);
+    c.kill(0);
+    c.wait_for(1, "services running on the survivor", 30, running);
+    // Alpha returns after its "reboot": it resyncs, and then beta hands back to it.
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(mnt(&c, "alpha"))
+        .status();
+    c.start(0);
+    let s = c.wait_for(0, "serving again after the fail-back", 60, running);
+    assert!(mounted(&mnt(&c, "alpha")));
+    assert_eq!(c.status(1)["role"], "secondary", "{s:#}");
+    assert!(!mounted(&mnt(&c, "beta")));
+    assert_eq!(
+        std::fs::read_to_string(mnt(&c, "alpha").join("serving")).expect("marker"),
+        "alpha\n"
     );
 }

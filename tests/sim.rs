@@ -410,6 +410,8 @@ impl Sim {
             // Numbers of a new incarnation exceed the old one's, like a wall clock.
             witness_seq_base: (self.now + 1) * 1_000_000,
             fence_peer_timeout_ms: 1000,
+            fail_back_to_peer: false,
+            fail_back_delay_ms: 10_000,
         }
     }
 
@@ -756,6 +758,7 @@ impl Sim {
             Action::FencePeer { .. } => {
                 panic!("the simulator configures no fence-peer handler")
             }
+            Action::FailBack => panic!("the simulator configures no fail-back"),
             Action::AdminDone(result) => {
                 self.admin_pending[i] = false;
                 self.log(|| format!("node {i} admin done: {result:?}"));
@@ -1259,11 +1262,15 @@ impl Sim {
         }
     }
 
-    /// Both nodes connected, idle and without out-of-sync blocks.
+    /// Both nodes connected, idle, without out-of-sync blocks, and each seeing its peer
+    /// up to date.
     fn pair_in_sync(&self) -> bool {
         self.nodes.iter().all(|n| {
             n.res.as_ref().is_some_and(|r| {
-                r.conn() == Conn::Established && r.is_idle() && r.bitmap().count() == 0
+                r.conn() == Conn::Established
+                    && r.is_idle()
+                    && r.bitmap().count() == 0
+                    && r.status().peer.disk == DiskState::UpToDate
             })
         })
     }

@@ -168,6 +168,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fencing: r.fencing,
             auto_promote: r.auto_promote,
             fence_peer_timeout_ms: r.fence_peer_timeout_ms,
+            fail_back_to_peer: r.fail_back && r.preferred_node.as_ref() == Some(&peer.name),
+            fail_back_delay_ms: r.fail_back_delay_ms,
             // Above every number an earlier run of this daemon used.
             witness_seq_base: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -176,6 +176,10 @@ pub struct Params {
     pub witness_seq_base: u64,
     /// With `fencing = "stonith"`: how long the `fence-peer` handler may run.
     pub fence_peer_timeout_ms: u64,
+    /// `preferred-node` with `fail-back = true`, when that is the peer: a primary hands
+    /// over to it once it has been connected and in sync for `fail_back_delay_ms`.
+    pub fail_back_to_peer: bool,
+    pub fail_back_delay_ms: u64,
 }
 
 /// Everything the driver must do.
@@ -216,6 +220,9 @@ pub enum Action {
     },
     /// The outcome of an admin command that returned [`AdminReply::Pending`].
     AdminDone(Result<(), String>),
+    /// Fail back: the preferred node (the peer) has been in sync long enough; the driver
+    /// runs a switchover (services first) as if an operator had asked.
+    FailBack,
     /// Run the `fence-peer` handler (`fencing = "stonith"`, before promoting while the
     /// peer is not connected); answer with [`Resource::handle_fence_peer_done`], with
     /// `None` if it has not exited by itself within `timeout_ms`.
@@ -429,6 +436,8 @@ pub enum Timer {
     AutoPromote,
     /// A switchover's peer has not reported itself primary in time.
     Switchover,
+    /// The preferred peer has been in sync long enough: fail back to it.
+    FailBack,
 }
 
 /// What application I/O on a primary may do right now.
@@ -529,6 +538,8 @@ pub struct Resource {
     peer_target_durable: bool,
     /// A switchover waits until then for the peer to report itself primary.
     switchover_until: Option<Instant>,
+    /// Since when a fail-back to the preferred peer could run (see `Params`).
+    fail_back_ready_since: Option<Instant>,
     // Keepalive.
     last_rx: Instant,
     next_ping: Option<Instant>,
@@ -618,6 +629,7 @@ impl Resource {
             fence: FenceRun::NotRun,
             peer_target_durable: false,
             switchover_until: None,
+            fail_back_ready_since: None,
             last_rx: now,
             next_ping: None,
             ping_id: 0,
@@ -865,7 +877,7 @@ impl Resource {
         t.iter().filter_map(|(_, d)| *d).min()
     }
 
-    fn timer_deadlines(&self) -> [(Timer, Option<Instant>); 7] {
+    fn timer_deadlines(&self) -> [(Timer, Option<Instant>); 8] {
         let connected = self.connected();
         let witness_due =
             (self.p.witness && self.wl.in_flight.is_none()).then_some(self.wl.next_at);
@@ -881,6 +893,11 @@ impl Resource {
             _ => None,
         };
         [
+            (
+                Timer::FailBack,
+                self.fail_back_ready_since
+                    .map(|t| t.plus_ms(self.p.fail_back_delay_ms)),
+            ),
             (Timer::Switchover, self.switchover_until),
             (Timer::Witness, witness_due),
             (Timer::QuorumLost, quorum_lost),
@@ -931,6 +948,12 @@ impl Resource {
                     self.witness_tick(true);
                 }
                 Timer::QuorumLost => {}
+                Timer::FailBack => {
+                    // Once per period of readiness; re-armed if it is still ready later.
+                    self.fail_back_ready_since = None;
+                    tracing::info!(resource = %self.p.resource, peer = %self.p.peer_node, "fail-back: handing over to the preferred node");
+                    self.actions.push_back(Action::FailBack);
+                }
                 Timer::Switchover => {
                     self.switchover_until = None;
                     self.actions.push_back(Action::AdminDone(Err(
@@ -1063,6 +1086,9 @@ impl Resource {
                     self.persist_dirty_pages();
                     self.persist_superblock();
                     tracing::info!(resource = %self.p.resource, "resync finished: up to date");
+                    // The peer may have heard "inconsistent" from this side after it
+                    // finished sending (a resync with nothing to send): correct it.
+                    self.send_state();
                     // The connection that delivered the end of the resync may be gone
                     // and a new handshake under way with a hello that still says
                     // inconsistent: the peer would decide on stale facts.
@@ -2073,7 +2099,21 @@ impl Resource {
     }
 
     /// React when what application I/O may do has changed: release held I/O, or fail it.
+    /// Arm or disarm the fail-back timer.
+    fn update_fail_back(&mut self) {
+        let ready = self.p.fail_back_to_peer
+            && self.peer_role == Role::Secondary
+            && self.switchover_until.is_none()
+            && self.switchover_precheck().is_ok();
+        if !ready {
+            self.fail_back_ready_since = None;
+        } else if self.fail_back_ready_since.is_none() {
+            self.fail_back_ready_since = Some(self.now);
+        }
+    }
+
     fn check_gate(&mut self) {
+        self.update_fail_back();
         self.note_quorum_loss();
         let g = self.gate();
         if g == self.gate_was {

@@ -1150,6 +1150,25 @@ impl Driver {
                 }
             }
             Action::RoleChanged(role) => self.on_role_changed(role),
+            Action::FailBack => {
+                let busy = self.after_services.is_some()
+                    || self.switchover.is_some()
+                    || !matches!(self.promoter.phase(), Phase::Running | Phase::Idle);
+                if !busy {
+                    let (tx, rx) = oneshot::channel::<Reply>();
+                    let name = self.name.clone();
+                    self.rt.spawn(async move {
+                        if let Ok(r) = rx.await {
+                            match r.error {
+                                None => tracing::info!(resource = %name, message = r.message.unwrap_or_default(), "fail-back done"),
+                                Some(e) => tracing::error!(resource = %name, error = %e, "fail-back failed"),
+                            }
+                        }
+                    });
+                    let now = self.now();
+                    self.on_admin(now, AdminCmd::Switchover, tx);
+                }
+            }
             Action::AdminDone(result) if self.switchover.is_some() => {
                 if let Some((r, asked, demoted_ms)) = self.switchover.take() {
                     let _ = r.send(match result {
