@@ -149,6 +149,15 @@ fn plain(c: &Cluster) -> Result {
     pgbench("plain local directory", &sock)
 }
 
+/// Wait (at most a minute) until the primary reports its standby as `want`.
+fn wait_sync_state(p_sock: &Path, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while psql(p_sock, "select sync_state from pg_stat_replication") != want {
+        assert!(Instant::now() < deadline, "the standby never became {want}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Streaming replication between the cluster's two namespaces: synchronous, then
 /// asynchronous on the same pair.
 fn streaming(c: &Cluster) -> [Result; 2] {
@@ -185,25 +194,11 @@ fn streaming(c: &Cluster) -> [Result; 2] {
         .0
         .push((Some(c.nodes[1].ns.clone()), s_data.clone()));
     pg_ctl(Some(&c.nodes[1].ns), &s_data, &s_sock, "start");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while psql(&p_sock, "select sync_state from pg_stat_replication") != "sync" {
-        assert!(
-            Instant::now() < deadline,
-            "the standby never became synchronous"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_sync_state(&p_sock, "sync");
     let sync = pgbench("PostgreSQL synchronous streaming replication", &p_sock);
     psql(&p_sock, "alter system set synchronous_standby_names = ''");
     psql(&p_sock, "select pg_reload_conf()");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while psql(&p_sock, "select sync_state from pg_stat_replication") != "async" {
-        assert!(
-            Instant::now() < deadline,
-            "the standby never became asynchronous"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_sync_state(&p_sock, "async");
     let asynch = pgbench("PostgreSQL asynchronous streaming replication", &p_sock);
     [sync, asynch]
 }

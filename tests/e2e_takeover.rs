@@ -40,8 +40,7 @@ fn takeover_cluster(test: &str, extra: &str, exec: impl Fn(&str) -> String) -> C
          \n[[resource.r0.service]]\ntype = \"exec\"\nstart-timeout-ms = 5000\n{}",
         exec(&dir)
     );
-    let cfg = std::fs::read_to_string(&c.config).expect("config");
-    std::fs::write(&c.config, cfg + &services).expect("config");
+    c.append_config(&services);
     c.add_global(&format!("http-listen = \"0.0.0.0:{HTTP_PORT}\""));
     for n in ["alpha", "beta"] {
         c.track_mount(mnt(&c, n));

@@ -831,16 +831,7 @@ impl Sim {
             self.req_node.insert(req, p);
             self.app_in_flight += 1;
             if paused {
-                let inc = self.nodes[p].incarnation;
-                self.push(
-                    self.now,
-                    Ev::App {
-                        node: p,
-                        inc,
-                        req,
-                        write: None,
-                    },
-                );
+                self.queue_app(p, req, None);
             } else if let Some(r) = self.nodes[p].res.as_mut() {
                 r.handle_app_flush(now, ReqId(req));
             }
@@ -858,22 +849,26 @@ impl Sim {
             self.req_node.insert(req, p);
             self.app_in_flight += 1;
             if paused {
-                let write = Some((first * BLOCK, n * BLOCK));
-                let inc = self.nodes[p].incarnation;
-                self.push(
-                    self.now,
-                    Ev::App {
-                        node: p,
-                        inc,
-                        req,
-                        write,
-                    },
-                );
+                self.queue_app(p, req, Some((first * BLOCK, n * BLOCK)));
             } else if let Some(r) = self.nodes[p].res.as_mut() {
                 r.handle_app_write(now, ReqId(req), first * BLOCK, n * BLOCK);
             }
         }
         self.drain(p);
+    }
+
+    /// A request for paused node `p`: it handles it when the pause ends.
+    fn queue_app(&mut self, p: usize, req: u64, write: Option<(u64, u64)>) {
+        let inc = self.nodes[p].incarnation;
+        self.push(
+            self.now,
+            Ev::App {
+                node: p,
+                inc,
+                req,
+                write,
+            },
+        );
     }
 
     /// Release peer messages held behind directions that are open again, in order.

@@ -1552,14 +1552,19 @@ impl Resource {
         if !self.writes.is_empty() || !self.pending.is_empty() {
             return Err(AdminError::Busy(self.writes.len() + self.pending.len()));
         }
+        self.become_secondary();
+        self.send_state();
+        Ok(())
+    }
+
+    /// The role change itself, persisted, shared by a demotion and a step-down.
+    fn become_secondary(&mut self) {
         self.role = Role::Secondary;
         self.sb.set(meta::FLAG_PRIMARY_ACTIVE, false);
         self.persist_dirty_pages();
         self.persist_superblock();
         self.actions.push_back(Action::RoleChanged(Role::Secondary));
-        self.send_state();
         self.leave_primary();
-        Ok(())
     }
 
     /// The peer asked this node to take over (a switchover): promote it as `promote`
@@ -2030,12 +2035,7 @@ impl Resource {
     fn step_down(&mut self, reason: String) {
         tracing::error!(resource = %self.p.resource, %reason, "stepping down");
         self.last_error = Some(reason);
-        self.role = Role::Secondary;
-        self.sb.set(meta::FLAG_PRIMARY_ACTIVE, false);
-        self.persist_dirty_pages();
-        self.persist_superblock();
-        self.actions.push_back(Action::RoleChanged(Role::Secondary));
-        self.leave_primary();
+        self.become_secondary();
         self.wl.release_pending = false;
         self.fail_pending();
         self.retry_completions();

@@ -805,15 +805,9 @@ impl Driver {
             return;
         }
         if cmd == AdminCmd::Demote && self.core.role() == Role::Primary {
-            if let Some(dev) = &self.loop_dev {
-                if frontend::in_use_settled(dev) {
-                    let _ = reply.send(Reply::err(format!(
-                        "{} ({}) is in use (mounted or held open); unmount it first",
-                        self.link.display(),
-                        dev.display()
-                    )));
-                    return;
-                }
+            if let Some(e) = self.device_busy_error() {
+                let _ = reply.send(Reply::err(e));
+                return;
             }
         }
         let msg = match &cmd {
@@ -943,20 +937,28 @@ impl Driver {
         }
     }
 
+    /// Why the device cannot go now: something outside the services (which are stopped
+    /// by then) still has it mounted or open.
+    fn device_busy_error(&self) -> Option<String> {
+        let dev = self.loop_dev.as_ref()?;
+        frontend::in_use_settled(dev).then(|| {
+            format!(
+                "{} ({}) is in use (mounted or held open); unmount it first",
+                self.link.display(),
+                dev.display()
+            )
+        })
+    }
+
     /// The services are down: demote and hand over to the peer.
     fn switchover(&mut self, now: Instant, reply: oneshot::Sender<Reply>) {
         let asked = self
             .switchover_asked
             .take()
             .unwrap_or_else(std::time::Instant::now);
-        if let Some(dev) = &self.loop_dev {
-            if frontend::in_use_settled(dev) {
-                let _ = reply.send(Reply::err(format!(
-                    "{} is in use (mounted or held open) outside the services; unmount it first",
-                    self.link.display()
-                )));
-                return;
-            }
+        if let Some(e) = self.device_busy_error() {
+            let _ = reply.send(Reply::err(e));
+            return;
         }
         match self.core.handle_admin(now, AdminCmd::Switchover) {
             Err(e) => {

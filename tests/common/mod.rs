@@ -475,6 +475,12 @@ impl Cluster {
         m
     }
 
+    /// Add tables at the end of the config (services after the node tables).
+    pub fn append_config(&self, text: &str) {
+        let cfg = std::fs::read_to_string(&self.config).expect("config");
+        std::fs::write(&self.config, cfg + text).expect("config");
+    }
+
     /// Add lines to the config's `[global]` table.
     pub fn add_global(&self, lines: &str) {
         let cfg = std::fs::read_to_string(&self.config).expect("config");

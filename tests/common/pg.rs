@@ -61,8 +61,7 @@ pub fn pg_cluster(test: &str, protocol: &str, disk_bytes: u64) -> Cluster {
          check = '''{PG_BIN}/pg_isready -q -h {sock} -p {PG_PORT}'''\n\
          stop = '''runuser -u postgres -- {PG_BIN}/pg_ctl -D {pgd} -m fast -w -t 60 stop'''\n"
     );
-    let cfg = std::fs::read_to_string(&c.config).expect("config");
-    std::fs::write(&c.config, cfg + &services).expect("config");
+    c.append_config(&services);
     c.start(0);
     c.start(1);
     c.wait_in_sync(30);
