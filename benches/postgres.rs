@@ -12,7 +12,8 @@
 //! pgbench talks to each server over its Unix socket, so the client path is the same
 //! everywhere. `TANDEM_BENCH_SECS` (default 20) sets each run's length,
 //! `TANDEM_BENCH_CLIENTS` (default 4) the pgbench clients, `TANDEM_BENCH_SCALE` (default
-//! 10) the scale factor. Needs root and PostgreSQL 15 (`scripts/deps.sh`).
+//! 10) the scale factor, `TANDEM_BENCH_ONLY` (e.g. `plain,C`) which of `plain`,
+//! `streaming`, `C`, `A` to run. Needs root and PostgreSQL 15 (`scripts/deps.sh`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -221,23 +222,39 @@ fn main() {
         println!("postgres benchmark: run it with `cargo bench --bench postgres`");
         return;
     }
-    let c = Cluster::new("pgbench", Opts::default());
-    let plain = plain(&c);
-    let [sync, asynch] = streaming(&c);
-    drop(c);
-    let tc = tandem("Tandem protocol C", "C");
-    let ta = tandem("Tandem protocol A", "A");
+    // A filter on the setups to run: plain, streaming, C, A.
+    let only = std::env::var("TANDEM_BENCH_ONLY").unwrap_or_default();
+    let run = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
+    let (mut plain_r, mut sync, mut asynch) = (None, None, None);
+    if run("plain") || run("streaming") {
+        let c = Cluster::new("pgbench", Opts::default());
+        if run("plain") {
+            plain_r = Some(plain(&c));
+        }
+        if run("streaming") {
+            let [s, a] = streaming(&c);
+            (sync, asynch) = (Some(s), Some(a));
+        }
+    }
+    let tc = run("C").then(|| tandem("Tandem protocol C", "C"));
+    let ta = run("A").then(|| tandem("Tandem protocol A", "A"));
     println!();
     let ratio = |a: &Result, b: &Result| a.tps / b.tps.max(1e-9);
-    for r in [&sync, &asynch, &tc, &ta] {
-        println!("{:<44} {:>5.2} of plain TPS", r.name, ratio(r, &plain));
+    if let Some(p) = &plain_r {
+        for r in [&sync, &asynch, &tc, &ta].into_iter().flatten() {
+            println!("{:<44} {:>5.2} of plain TPS", r.name, ratio(r, p));
+        }
     }
-    println!(
-        "Tandem C / PostgreSQL synchronous streaming: {:.2} (goal >= 0.90)",
-        ratio(&tc, &sync)
-    );
-    println!(
-        "Tandem A / PostgreSQL asynchronous streaming: {:.2}",
-        ratio(&ta, &asynch)
-    );
+    if let (Some(tc), Some(sync)) = (&tc, &sync) {
+        println!(
+            "Tandem C / PostgreSQL synchronous streaming: {:.2} (goal >= 0.90)",
+            ratio(tc, sync)
+        );
+    }
+    if let (Some(ta), Some(asynch)) = (&ta, &asynch) {
+        println!(
+            "Tandem A / PostgreSQL asynchronous streaming: {:.2}",
+            ratio(ta, asynch)
+        );
+    }
 }

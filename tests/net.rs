@@ -97,3 +97,133 @@ async fn listener_authenticates_and_survives_bad_clients() {
     assert_eq!(back.data.expect("payload").as_slice(), &payload[..]);
     server.abort();
 }
+
+/// A socket that hands out what was "sent" in fixed slices, saying `WouldBlock` after
+/// each, as a non-blocking socket does between arrivals.
+struct Trickle {
+    bytes: Vec<u8>,
+    pos: usize,
+    slice: usize,
+    ready: bool,
+}
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.bytes.len() {
+            return Ok(0);
+        }
+        if !self.ready {
+            self.ready = true;
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.ready = false;
+        let n = buf.len().min(self.slice).min(self.bytes.len() - self.pos);
+        buf[..n].copy_from_slice(&self.bytes[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn data_frame(seq: u64, len: usize) -> (Vec<u8>, Vec<u8>) {
+    let data: Vec<u8> = (0..len).map(|i| (i as u64 * 7 + seq) as u8).collect();
+    let msg = Msg::Data {
+        seq,
+        epoch: 1,
+        offset: seq * 4096,
+        len: len as u32,
+    };
+    let mut f = msg.encode(9, &data);
+    f.extend_from_slice(&data);
+    (f, data)
+}
+
+#[test]
+fn frame_reader_reassembles_frames_from_any_slicing() {
+    use tandem::shell::net::{FrameReader, ReadState};
+    // Small frames, a 4 KiB write, a 1 MiB resync-sized write (read straight into its
+    // buffer), pings between.
+    let mut stream = Vec::new();
+    let mut want = Vec::new();
+    for (seq, len) in [(1u64, 4096usize), (2, 1 << 20), (3, 8192)] {
+        let ping = Msg::Ping { id: seq };
+        stream.extend_from_slice(&ping.encode(9, &[]));
+        want.push((ping, None));
+        let (f, d) = data_frame(seq, len);
+        stream.extend_from_slice(&f);
+        want.push((
+            Msg::Data {
+                seq,
+                epoch: 1,
+                offset: seq * 4096,
+                len: len as u32,
+            },
+            Some(d),
+        ));
+    }
+    for slice in [1usize, 7, 28, 4096, 65536, 1 << 22] {
+        let mut sock = Trickle {
+            bytes: stream.clone(),
+            pos: 0,
+            slice,
+            ready: true,
+        };
+        let mut r = FrameReader::default();
+        let mut got = Vec::new();
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            assert!(rounds < 10_000_000, "slice {slice}: no end");
+            match r.read_available(&mut sock, &mut got, 1 << 20) {
+                Ok(ReadState::Eof) => break,
+                Ok(ReadState::WouldBlock | ReadState::Budget) => {}
+                Err(e) => panic!("slice {slice}: {e}"),
+            }
+        }
+        assert_eq!(got.len(), want.len(), "slice {slice}");
+        for (f, (m, d)) in got.iter().zip(&want) {
+            assert_eq!(&f.msg, m, "slice {slice}");
+            assert_eq!(f.term, 9);
+            assert_eq!(
+                f.data.as_ref().map(|b| b.as_slice().to_vec()),
+                *d,
+                "slice {slice}"
+            );
+        }
+    }
+}
+
+#[test]
+fn frame_reader_returns_good_frames_then_the_error() {
+    use tandem::shell::net::FrameReader;
+    let (good, _) = data_frame(1, 4096);
+    let (mut bad, _) = data_frame(2, 4096);
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff; // a flipped data byte: the CRC no longer matches
+    let mut bytes = good.clone();
+    bytes.extend_from_slice(&bad);
+    let mut sock = Trickle {
+        bytes,
+        pos: 0,
+        slice: 1 << 20,
+        ready: true,
+    };
+    let mut r = FrameReader::default();
+    let mut got = Vec::new();
+    let err = r
+        .read_available(&mut sock, &mut got, 1 << 20)
+        .expect_err("a corrupt frame is an error");
+    assert!(matches!(err, NetError::Wire(_)), "{err}");
+    assert_eq!(got.len(), 1, "the good frame before it is delivered");
+    // Garbage where a header should be: refused by its magic.
+    let mut sock = Trickle {
+        bytes: vec![0x55; 100],
+        pos: 0,
+        slice: 100,
+        ready: true,
+    };
+    let mut got = Vec::new();
+    assert!(FrameReader::default()
+        .read_available(&mut sock, &mut got, 1 << 20)
+        .is_err());
+    assert!(got.is_empty());
+}

@@ -245,6 +245,8 @@ enum Held {
     Read(AlignedBuf),
     Flush,
     Wake,
+    /// A readiness poll on a socket the caller owns.
+    Poll,
 }
 
 /// Completions of this id are the wake-up eventfd's, not the caller's.
@@ -367,6 +369,47 @@ impl Ring {
         self.push(entry.user_data(id));
     }
 
+    /// Ask for one completion tagged `tag` once `fd` is readable, closed or in error.
+    /// The caller keeps `fd` open until the completion, or cancels with
+    /// [`Ring::cancel_polls`].
+    pub fn poll_readable(&mut self, tag: u64, fd: std::os::fd::RawFd) {
+        use io_uring::{opcode, types};
+        let id = self.next_id;
+        self.next_id += 1;
+        let mask =
+            (nix::libc::POLLIN | nix::libc::POLLRDHUP | nix::libc::POLLERR | nix::libc::POLLHUP)
+                as u32;
+        let e = opcode::PollAdd::new(types::Fd(fd), mask)
+            .build()
+            .user_data(id);
+        self.in_flight.insert(id, (tag, Held::Poll, 0));
+        self.push(e);
+    }
+
+    /// Cancel the polls tagged `tag` (their completions then come back as errors), so
+    /// that the ring lets go of the socket.
+    pub fn cancel_polls(&mut self, tag: u64) {
+        let ids: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (t, h, _))| *t == tag && matches!(h, Held::Poll))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.push_cancel(id);
+        }
+    }
+
+    /// A cancel's own completion has an id nobody waits for, so `reap` skips it.
+    fn push_cancel(&mut self, id: u64) {
+        let cancel_id = self.next_id;
+        self.next_id += 1;
+        let e = io_uring::opcode::AsyncCancel::new(id)
+            .build()
+            .user_data(cancel_id);
+        self.push(e);
+    }
+
     /// Submit what is queued, wait up to `timeout` (forever with `None`) for at least one
     /// completion, and return the completions of the caller's requests. A wake-up through
     /// the eventfd returns early, possibly with nothing.
@@ -455,6 +498,15 @@ impl Drop for Ring {
                 .build()
                 .user_data(WAKE_ID - 1);
             self.push(e);
+        }
+        let polls: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (_, h, _))| matches!(h, Held::Poll))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in polls {
+            self.push_cancel(id);
         }
         self.wake_fd = None;
         for _ in 0..1000 {

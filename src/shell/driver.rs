@@ -14,7 +14,11 @@
 //!
 //! Peer connections: two TCP connections per peer, `data` (writes, resync) and `meta`
 //! (acks, pings), so that acknowledgements never wait behind bulk data. The node whose
-//! name sorts first dials, with backoff; the other accepts.
+//! name sorts first dials, with backoff; the other accepts. The driver writes frames to
+//! the sockets itself, and with a ring it reads them itself too: a readiness poll on
+//! each socket sits in the same ring as the disk requests, so a peer's frame reaches
+//! the core without a hand-off from a reader task (without a ring, tokio reader tasks
+//! send frames as events).
 //!
 //! The witness: one task per resource keeps an authenticated connection and carries the
 //! core's requests, one at a time, each answered within its timeout or reported as
@@ -55,6 +59,16 @@ const RX_BUF_BIT: u64 = 1 << 62;
 const APP_READ_BIT: u64 = 1 << 62;
 /// Disk tag of the fdatasync that completes a metadata write.
 const META_SYNC_BIT: u64 = 1 << 61;
+
+/// Ring tags of the readiness polls on peer sockets: connection number and channel.
+const NET_POLL_BIT: u64 = 1 << 63;
+/// Bytes read from one peer socket per readiness, so that a flood on one channel does
+/// not hold up the disk and the other channel.
+const RX_BUDGET_BYTES: usize = 4 << 20;
+
+fn net_poll_tag(conn: u64, channel: usize) -> u64 {
+    NET_POLL_BIT | (conn << 1) | channel as u64
+}
 
 /// How long the second channel may lag behind the first one's clean close.
 const HALF_CLOSE_GRACE: Duration = Duration::from_millis(500);
@@ -201,10 +215,19 @@ struct PeerConn {
     id: u64,
     /// Data channel, then meta channel.
     out: [SendQueue; 2],
+    /// Reader tasks, where the driver has no ring to poll the sockets in.
     readers: Vec<JoinHandle<()>>,
+    /// With a ring: per channel, the socket the driver reads itself when the ring says
+    /// it is readable; `None` once that channel has ended.
+    rx: [Option<RxChannel>; 2],
     /// One channel has been closed cleanly by the peer: the other may still deliver
     /// what the peer sent before it closed.
     half_closed: bool,
+}
+
+struct RxChannel {
+    sock: std::net::TcpStream,
+    reader: net::FrameReader,
 }
 
 struct PendingRead {
@@ -567,38 +590,8 @@ impl Driver {
                 term,
                 msg,
                 data,
-            } => {
-                if self.conn.as_ref().map(|c| c.id) != Some(conn) {
-                    return;
-                }
-                let buf = data.map(|d| {
-                    let id = RX_BUF_BIT | self.next_rx_buf;
-                    self.next_rx_buf += 1;
-                    self.bufs.insert(id, Arc::new(d));
-                    BufId(id)
-                });
-                self.core.handle_peer_message(now, term, msg, buf);
-            }
-            Event::PeerDown { conn, reason, eof } => {
-                let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) else {
-                    return;
-                };
-                if eof && !c.half_closed {
-                    // A peer that closes sends everything first, on both channels; the
-                    // two readers are independent, so wait for the other channel's end
-                    // (or a short grace) before telling the core.
-                    c.half_closed = true;
-                    let tx = self.tx.clone();
-                    self.rt.spawn(async move {
-                        tokio::time::sleep(HALF_CLOSE_GRACE).await;
-                        let _ = tx.send(Event::PeerGrace { conn });
-                    });
-                    return;
-                }
-                self.close_peer();
-                self.core.handle_peer_disconnected(now, &reason);
-                self.maybe_dial();
-            }
+            } => self.on_peer_frame(now, conn, net::Frame { msg, term, data }),
+            Event::PeerDown { conn, reason, eof } => self.on_peer_down(now, conn, reason, eof),
             Event::SendReport {
                 conn,
                 channel,
@@ -736,7 +729,82 @@ impl Driver {
         }
     }
 
+    fn on_peer_frame(&mut self, now: Instant, conn: u64, f: net::Frame) {
+        if self.conn.as_ref().map(|c| c.id) != Some(conn) {
+            return;
+        }
+        let buf = f.data.map(|d| {
+            let id = RX_BUF_BIT | self.next_rx_buf;
+            self.next_rx_buf += 1;
+            self.bufs.insert(id, Arc::new(d));
+            BufId(id)
+        });
+        self.core.handle_peer_message(now, f.term, f.msg, buf);
+    }
+
+    fn on_peer_down(&mut self, now: Instant, conn: u64, reason: String, eof: bool) {
+        let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) else {
+            return;
+        };
+        if eof && !c.half_closed {
+            // A peer that closes sends everything first, on both channels; the two
+            // channels are read independently, so wait for the other channel's end (or a
+            // short grace) before telling the core.
+            c.half_closed = true;
+            let tx = self.tx.clone();
+            self.rt.spawn(async move {
+                tokio::time::sleep(HALF_CLOSE_GRACE).await;
+                let _ = tx.send(Event::PeerGrace { conn });
+            });
+            return;
+        }
+        self.close_peer();
+        self.core.handle_peer_disconnected(now, &reason);
+        self.maybe_dial();
+    }
+
+    /// The ring says a peer socket is readable: take every frame it has.
+    fn on_peer_readable(&mut self, now: Instant, tag: u64) {
+        let (conn, ch) = ((tag & !NET_POLL_BIT) >> 1, (tag & 1) as usize);
+        let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) else {
+            return;
+        };
+        let Some(rx) = c.rx[ch].as_mut() else {
+            return;
+        };
+        let mut frames = Vec::new();
+        let r = rx
+            .reader
+            .read_available(&mut rx.sock, &mut frames, RX_BUDGET_BYTES);
+        if !matches!(r, Ok(net::ReadState::WouldBlock | net::ReadState::Budget)) {
+            c.rx[ch] = None;
+        }
+        for f in frames {
+            self.on_peer_frame(now, conn, f);
+        }
+        match r {
+            Ok(net::ReadState::WouldBlock | net::ReadState::Budget) => {
+                let fd = self
+                    .conn
+                    .as_ref()
+                    .filter(|c| c.id == conn)
+                    .and_then(|c| c.rx[ch].as_ref())
+                    .map(|rx| rx.sock.as_raw_fd());
+                if let (Some(fd), Backing::Ring(r)) = (fd, &mut self.disk) {
+                    r.poll_readable(tag, fd);
+                }
+            }
+            Ok(net::ReadState::Eof) => {
+                self.on_peer_down(now, conn, "closed by peer".to_string(), true)
+            }
+            Err(e) => self.on_peer_down(now, conn, e.to_string(), false),
+        }
+    }
+
     fn on_disk(&mut self, now: Instant, c: Completion) {
+        if c.tag & NET_POLL_BIT != 0 {
+            return self.on_peer_readable(now, c.tag);
+        }
         if c.tag & APP_READ_BIT != 0 {
             let Some(p) = self.reads.remove(&c.tag) else {
                 return;
@@ -1291,47 +1359,64 @@ impl Driver {
         self.dial_failures = 0;
         let mut readers = Vec::new();
         let mut outs = Vec::new();
+        let mut rx: [Option<RxChannel>; 2] = [None, None];
         for (ch, s) in [data, meta].into_iter().enumerate() {
             // A second descriptor of the socket for the driver's own non-blocking writes.
-            let direct = match s.as_fd().try_clone_to_owned() {
-                Ok(fd) => std::net::TcpStream::from(fd),
+            let dup = || match s.as_fd().try_clone_to_owned() {
+                Ok(fd) => Some(std::net::TcpStream::from(fd)),
                 Err(e) => {
                     tracing::error!(resource = %self.name, error = %e, "dup socket");
-                    return;
+                    None
                 }
             };
+            let Some(direct) = dup() else { return };
             let (r, w) = s.into_split();
-            let tx = self.tx.clone();
-            readers.push(self.rt.spawn(async move {
-                let mut r = BufReader::with_capacity(64 << 10, r);
-                loop {
-                    match net::read_frame(&mut r).await {
-                        Ok(net::Frame { msg, term, data }) => {
-                            if !tx.send(Event::PeerMsg {
-                                conn: id,
-                                term,
-                                msg,
-                                data,
-                            }) {
+            if let Backing::Ring(ring) = &mut self.disk {
+                // The driver reads this socket itself when its ring says it is readable:
+                // a frame reaches the core without a hand-off from a reader task.
+                let Some(sock) = direct.try_clone().ok() else {
+                    tracing::error!(resource = %self.name, "dup socket for reading");
+                    return;
+                };
+                ring.poll_readable(net_poll_tag(id, ch), sock.as_raw_fd());
+                rx[ch] = Some(RxChannel {
+                    sock,
+                    reader: net::FrameReader::default(),
+                });
+                drop(r);
+            } else {
+                let tx = self.tx.clone();
+                readers.push(self.rt.spawn(async move {
+                    let mut r = BufReader::with_capacity(64 << 10, r);
+                    loop {
+                        match net::read_frame(&mut r).await {
+                            Ok(net::Frame { msg, term, data }) => {
+                                if !tx.send(Event::PeerMsg {
+                                    conn: id,
+                                    term,
+                                    msg,
+                                    data,
+                                }) {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                let eof = matches!(&e, net::NetError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof);
+                                let _ = tx.send(Event::PeerDown {
+                                    conn: id,
+                                    reason: if eof {
+                                        "closed by peer".to_string()
+                                    } else {
+                                        e.to_string()
+                                    },
+                                    eof,
+                                });
                                 return;
                             }
                         }
-                        Err(e) => {
-                            let eof = matches!(&e, net::NetError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof);
-                            let _ = tx.send(Event::PeerDown {
-                                conn: id,
-                                reason: if eof {
-                                    "closed by peer".to_string()
-                                } else {
-                                    e.to_string()
-                                },
-                                eof,
-                            });
-                            return;
-                        }
                     }
-                }
-            }));
+                }));
+            }
             let (wtx, wrx) = mpsc::unbounded_channel();
             let tx = self.tx.clone();
             self.rt.spawn(sendq::backlog_task(w, wrx, move |report| {
@@ -1351,6 +1436,7 @@ impl Driver {
             id,
             out,
             readers,
+            rx,
             half_closed: false,
         });
         self.core.handle_peer_connected(now);
@@ -1364,6 +1450,11 @@ impl Driver {
             }
             for r in c.readers {
                 r.abort();
+            }
+            if let Backing::Ring(r) = &mut self.disk {
+                for ch in 0..2 {
+                    r.cancel_polls(net_poll_tag(c.id, ch));
+                }
             }
         }
     }

@@ -73,9 +73,158 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, NetErr
     } else {
         None
     };
-    hdr.check_crc(&fields, data.as_ref().map_or(&[][..], |d| d.as_slice()))?;
+    finish(&hdr, &fields, data)
+}
+
+/// Reads frames from a non-blocking socket as bytes arrive, for a driver that is told
+/// when the socket is readable (io_uring poll) instead of running a reader task.
+///
+/// Small frames are parsed out of one receive buffer; the block data of a large frame is
+/// read straight into its aligned buffer, so bulk data is not copied twice.
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    partial: Option<Partial>,
+}
+
+/// A frame whose header and fields are in, and whose data is still arriving.
+struct Partial {
+    hdr: FrameHeader,
+    fields: Vec<u8>,
+    data: AlignedBuf,
+    filled: usize,
+}
+
+/// What [`FrameReader::read_available`] found after the frames it returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadState {
+    /// The socket has nothing more for now.
+    WouldBlock,
+    /// The read budget is used up; more may be waiting.
+    Budget,
+    /// The peer closed the connection.
+    Eof,
+}
+
+/// Receive buffer: one maximal header and fields, plus room for many small frames.
+const RX_BUF_BYTES: usize = 256 << 10;
+/// Data at least this long that is not yet in the buffer is read straight into place.
+const DIRECT_DATA_BYTES: usize = 32 << 10;
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        FrameReader {
+            buf: vec![0u8; RX_BUF_BYTES],
+            start: 0,
+            end: 0,
+            partial: None,
+        }
+    }
+}
+
+impl FrameReader {
+    /// Read what `r` has, up to about `budget_bytes`, and append every complete frame
+    /// to `out`. Frames before a bad one are still returned, then the error.
+    pub fn read_available<R: std::io::Read>(
+        &mut self,
+        r: &mut R,
+        out: &mut Vec<Frame>,
+        budget_bytes: usize,
+    ) -> Result<ReadState, NetError> {
+        let mut read_bytes = 0usize;
+        loop {
+            self.parse(out)?;
+            if read_bytes >= budget_bytes {
+                return Ok(ReadState::Budget);
+            }
+            let direct = match &mut self.partial {
+                Some(p)
+                    if self.start == self.end && p.data.len() - p.filled >= DIRECT_DATA_BYTES =>
+                {
+                    Some(&mut p.data.as_mut_slice()[p.filled..])
+                }
+                _ => None,
+            };
+            let res = match direct {
+                Some(dst) => r.read(dst).inspect(|&n| {
+                    if let Some(p) = &mut self.partial {
+                        p.filled += n;
+                    }
+                }),
+                None => {
+                    if self.start > 0 {
+                        self.buf.copy_within(self.start..self.end, 0);
+                        self.end -= self.start;
+                        self.start = 0;
+                    }
+                    let end = self.end;
+                    r.read(&mut self.buf[end..]).inspect(|&n| self.end += n)
+                }
+            };
+            match res {
+                Ok(0) => {
+                    self.parse(out)?;
+                    return Ok(ReadState::Eof);
+                }
+                Ok(n) => read_bytes += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(ReadState::WouldBlock)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(NetError::Io(e)),
+            }
+        }
+    }
+
+    /// Take every complete frame out of the buffer.
+    fn parse(&mut self, out: &mut Vec<Frame>) -> Result<(), NetError> {
+        loop {
+            if let Some(p) = &mut self.partial {
+                let n = (self.end - self.start).min(p.data.len() - p.filled);
+                p.data.as_mut_slice()[p.filled..p.filled + n]
+                    .copy_from_slice(&self.buf[self.start..self.start + n]);
+                p.filled += n;
+                self.start += n;
+                if p.filled < p.data.len() {
+                    return Ok(());
+                }
+                if let Some(p) = self.partial.take() {
+                    out.push(finish(&p.hdr, &p.fields, Some(p.data))?);
+                }
+                continue;
+            }
+            let avail = &self.buf[self.start..self.end];
+            let Some(h) = avail.get(..HEADER_BYTES) else {
+                return Ok(());
+            };
+            let mut hb = [0u8; HEADER_BYTES];
+            hb.copy_from_slice(h);
+            let hdr = FrameHeader::decode(&hb)?;
+            let flen = hdr.fields_len as usize;
+            let Some(fields) = avail.get(HEADER_BYTES..HEADER_BYTES + flen) else {
+                return Ok(());
+            };
+            let fields = fields.to_vec();
+            self.start += HEADER_BYTES + flen;
+            if hdr.data_len == 0 {
+                out.push(finish(&hdr, &fields, None)?);
+            } else {
+                self.partial = Some(Partial {
+                    hdr,
+                    fields,
+                    data: AlignedBuf::zeroed(hdr.data_len as usize),
+                    filled: 0,
+                });
+            }
+        }
+    }
+}
+
+fn finish(hdr: &FrameHeader, fields: &[u8], data: Option<AlignedBuf>) -> Result<Frame, NetError> {
+    hdr.check_crc(fields, data.as_ref().map_or(&[][..], |d| d.as_slice()))?;
     Ok(Frame {
-        msg: Msg::decode(&hdr, &fields)?,
+        msg: Msg::decode(hdr, fields)?,
         term: hdr.term,
         data,
     })
