@@ -10,7 +10,7 @@
 //! 5. Tandem protocol A.
 //!
 //! pgbench talks to each server over its Unix socket, so the client path is the same
-//! everywhere. `TANDEM_BENCH_SECS` (default 20) sets each run's length,
+//! everywhere. After loading, each setup checkpoints and syncs before its timed run. `TANDEM_BENCH_SECS` (default 20) sets each run's length,
 //! `TANDEM_BENCH_CLIENTS` (default 4) the pgbench clients, `TANDEM_BENCH_SCALE` (default
 //! 10) the scale factor, `TANDEM_BENCH_ONLY` (e.g. `plain,C`) which of `plain`,
 //! `streaming`, `C`, `A` to run. Needs root and PostgreSQL 15 (`scripts/deps.sh`).
@@ -118,6 +118,11 @@ fn pgbench(name: &'static str, sock: &Path) -> Result {
     let mut init = as_postgres(None);
     base(&mut init);
     sh(init.args(["-q", "-i", "-s", &scale.to_string(), "postgres"]));
+    // Every setup starts its timed run from the same state: the loaded tables written
+    // out, so that the kernel's writeback of the load (30 s after it) does not land in
+    // some runs and not in others.
+    psql(sock, "checkpoint");
+    sh(&mut Command::new("sync"));
     let mut run = as_postgres(None);
     base(&mut run);
     let out = sh(run

@@ -35,6 +35,8 @@ fn takeover_cluster(test: &str, extra: &str, exec: impl Fn(&str) -> String) -> C
     c.stop(1);
 
     let dir = c.dir.display().to_string();
+    // Services' processes outlive SIGKILLed daemons; the cluster kills them on drop.
+    c.kill_on_drop(format!("{dir}/mnt-"));
     let services = format!(
         "\n[[resource.r0.service]]\ntype = \"mount\"\nmount-point = \"{dir}/mnt-{{node}}\"\nfs-type = \"ext4\"\n\
          \n[[resource.r0.service]]\ntype = \"exec\"\nstart-timeout-ms = 5000\n{}",
@@ -180,7 +182,7 @@ fn writer_service(dir: &str) -> String {
     let m = format!("{dir}/mnt-$TANDEM_NODE");
     let body = format!(
         "i=$(tail -n 1 {m}/rows 2>/dev/null || echo 0); \
-         while :; do i=$((i+1)); echo $i >> {m}/rows; sync {m}/rows; echo $i > {dir}/acked; done"
+         while :; do i=$((i+1)); echo $i >> {m}/rows || exit 1; sync {m}/rows; echo $i > {dir}/acked; done"
     );
     format!(
         "start = \"nohup sh -c '{body}' >/dev/null 2>&1 & echo $! > {dir}/writer.pid\"\n\

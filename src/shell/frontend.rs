@@ -94,6 +94,20 @@ impl Filesystem for DeviceFs {
         // Large writes mean fewer round trips through the daemon; the kernel caps this to
         // what it supports.
         let _ = config.set_max_write(1 << 20);
+        // The loop device submits direct I/O asynchronously; with FUSE_ASYNC_DIO the
+        // kernel keeps many of those requests in flight instead of one at a time, so a
+        // database's fsync does not queue behind page-cache writeback. Measured: pgbench
+        // +25% in protocol C (docs/performance.md).
+        if config
+            .add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO)
+            .is_err()
+        {
+            tracing::warn!(
+                "kernel without FUSE_ASYNC_DIO: device requests are served one at a time"
+            );
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         Ok(())
     }
 
@@ -340,7 +354,9 @@ fn run(cmd: &mut Command) -> Result<String, FrontendError> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Attach `file` to a free loop device with 4 KiB sectors; returns `/dev/loopN`.
+/// Attach `file` to a free loop device with 4 KiB sectors and direct I/O (the loop
+/// device then submits asynchronously and keeps many requests in flight; buffered, it
+/// serves one at a time); returns `/dev/loopN`.
 pub fn attach_loop(file: &Path) -> Result<PathBuf, FrontendError> {
     let dev = run(Command::new("losetup")
         .args([
@@ -348,7 +364,7 @@ pub fn attach_loop(file: &Path) -> Result<PathBuf, FrontendError> {
             "--show",
             "--sector-size",
             "4096",
-            "--direct-io=off",
+            "--direct-io=on",
         ])
         .arg(file))?;
     Ok(PathBuf::from(dev))

@@ -461,9 +461,12 @@ impl Cluster {
         self.wait_in_sync(60);
     }
 
+    /// ext4 on node `i`'s device, its inode tables and journal zeroed now rather than by
+    /// a background thread after the first mount (whose writes would land in the middle
+    /// of a test or a benchmark).
     pub fn mkfs(&self, i: usize) {
         sh(Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
             .arg(&self.nodes[i].device));
     }
 
