@@ -1,6 +1,8 @@
 //! End to end with services: the promoter mounts ext4 on the replicated device and runs
 //! a service on it after promotion, stops both in reverse before demotion, takes over on
 //! the survivor when the primary dies, and demotes again when a service fails to start.
+//! A `vip` service puts its address on the primary's interface only, and moves it with a
+//! switchover.
 
 mod common;
 
@@ -286,4 +288,45 @@ fn fail_back_to_the_preferred_node_once_it_is_in_sync_again() {
         std::fs::read_to_string(mnt(&c, "alpha").join("serving")).expect("marker"),
         "alpha\n"
     );
+}
+
+/// Whether namespace `ns` has `ip` on its eth0.
+fn has_addr(ns: &str, ip: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-o", "addr", "show", "dev", "eth0"])
+        .output()
+        .expect("run ip");
+    String::from_utf8_lossy(&out.stdout).contains(&format!(" {ip}/"))
+}
+
+#[test]
+fn vip_follows_the_primary_through_a_switchover_and_goes_on_demote() {
+    let mut c = Cluster::new("vip", Opts::default());
+    c.with_witness("C", LEASE_MS, "");
+    let subnet = c.nodes[0]
+        .addr
+        .rsplit_once('.')
+        .map(|(s, _)| s.to_string())
+        .unwrap_or_default();
+    let vip = format!("{subnet}.50");
+    c.append_config(&format!(
+        "\n[[resource.r0.service]]\ntype = \"vip\"\naddress = \"{vip}/24\"\ninterface = \"eth0\"\n"
+    ));
+    let (a_ns, b_ns) = (c.nodes[0].ns.clone(), c.nodes[1].ns.clone());
+    assert!(!has_addr(&a_ns, &vip) && !has_addr(&b_ns, &vip));
+    c.up(0, true);
+    c.wait_for(0, "services running", 30, running);
+    assert!(has_addr(&a_ns, &vip), "vip not on the primary");
+    assert!(!has_addr(&b_ns, &vip), "vip on the secondary");
+    c.wait_in_sync(30);
+
+    let out = c.ctl(0, &["switchover", "r0"]);
+    assert!(out.contains("beta"), "{out}");
+    c.wait_for(1, "services running after the switchover", 30, running);
+    assert!(has_addr(&b_ns, &vip), "vip did not move to the new primary");
+    assert!(!has_addr(&a_ns, &vip), "vip left on the old primary");
+
+    c.ctl(1, &["demote", "r0"]);
+    assert!(!has_addr(&b_ns, &vip), "vip left after demote");
+    assert!(!has_addr(&a_ns, &vip));
 }
