@@ -389,25 +389,26 @@ impl Ring {
     /// Cancel the polls tagged `tag` (their completions then come back as errors), so
     /// that the ring lets go of the socket.
     pub fn cancel_polls(&mut self, tag: u64) {
+        self.cancel_polls_where(|t| t == tag);
+    }
+
+    /// Cancel every poll whose tag passes `pick`. A cancel's own completion has an id
+    /// nobody waits for, so `reap` skips it.
+    fn cancel_polls_where(&mut self, pick: impl Fn(u64) -> bool) {
         let ids: Vec<u64> = self
             .in_flight
             .iter()
-            .filter(|(_, (t, h, _))| *t == tag && matches!(h, Held::Poll))
+            .filter(|(_, (t, h, _))| pick(*t) && matches!(h, Held::Poll))
             .map(|(&id, _)| id)
             .collect();
         for id in ids {
-            self.push_cancel(id);
+            let cancel_id = self.next_id;
+            self.next_id += 1;
+            let e = io_uring::opcode::AsyncCancel::new(id)
+                .build()
+                .user_data(cancel_id);
+            self.push(e);
         }
-    }
-
-    /// A cancel's own completion has an id nobody waits for, so `reap` skips it.
-    fn push_cancel(&mut self, id: u64) {
-        let cancel_id = self.next_id;
-        self.next_id += 1;
-        let e = io_uring::opcode::AsyncCancel::new(id)
-            .build()
-            .user_data(cancel_id);
-        self.push(e);
     }
 
     /// Submit what is queued, wait up to `timeout` (forever with `None`) for at least one
@@ -499,15 +500,7 @@ impl Drop for Ring {
                 .user_data(WAKE_ID - 1);
             self.push(e);
         }
-        let polls: Vec<u64> = self
-            .in_flight
-            .iter()
-            .filter(|(_, (_, h, _))| matches!(h, Held::Poll))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in polls {
-            self.push_cancel(id);
-        }
+        self.cancel_polls_where(|_| true);
         self.wake_fd = None;
         for _ in 0..1000 {
             if self.in_flight.is_empty() {

@@ -772,6 +772,7 @@ impl Driver {
         let Some(rx) = c.rx[ch].as_mut() else {
             return;
         };
+        let fd = rx.sock.as_raw_fd();
         let mut frames = Vec::new();
         let r = rx
             .reader
@@ -784,13 +785,12 @@ impl Driver {
         }
         match r {
             Ok(net::ReadState::WouldBlock | net::ReadState::Budget) => {
-                let fd = self
+                // Handling a frame may have closed the connection (and so this socket).
+                let open = self
                     .conn
                     .as_ref()
-                    .filter(|c| c.id == conn)
-                    .and_then(|c| c.rx[ch].as_ref())
-                    .map(|rx| rx.sock.as_raw_fd());
-                if let (Some(fd), Backing::Ring(r)) = (fd, &mut self.disk) {
+                    .is_some_and(|c| c.id == conn && c.rx[ch].is_some());
+                if let (true, Backing::Ring(r)) = (open, &mut self.disk) {
                     r.poll_readable(tag, fd);
                 }
             }
@@ -1361,29 +1361,31 @@ impl Driver {
         let mut outs = Vec::new();
         let mut rx: [Option<RxChannel>; 2] = [None, None];
         for (ch, s) in [data, meta].into_iter().enumerate() {
-            // A second descriptor of the socket for the driver's own non-blocking writes.
-            let dup = || match s.as_fd().try_clone_to_owned() {
-                Ok(fd) => Some(std::net::TcpStream::from(fd)),
+            // A second descriptor of the socket for the driver's own non-blocking writes
+            // (and, with a ring, reads).
+            let direct = match s.as_fd().try_clone_to_owned() {
+                Ok(fd) => std::net::TcpStream::from(fd),
                 Err(e) => {
                     tracing::error!(resource = %self.name, error = %e, "dup socket");
-                    None
+                    return;
                 }
             };
-            let Some(direct) = dup() else { return };
             let (r, w) = s.into_split();
             if let Backing::Ring(ring) = &mut self.disk {
                 // The driver reads this socket itself when its ring says it is readable:
                 // a frame reaches the core without a hand-off from a reader task.
-                let Some(sock) = direct.try_clone().ok() else {
-                    tracing::error!(resource = %self.name, "dup socket for reading");
-                    return;
+                let sock = match direct.try_clone() {
+                    Ok(sock) => sock,
+                    Err(e) => {
+                        tracing::error!(resource = %self.name, error = %e, "dup socket for reading");
+                        return;
+                    }
                 };
                 ring.poll_readable(net_poll_tag(id, ch), sock.as_raw_fd());
                 rx[ch] = Some(RxChannel {
                     sock,
                     reader: net::FrameReader::default(),
                 });
-                drop(r);
             } else {
                 let tx = self.tx.clone();
                 readers.push(self.rt.spawn(async move {
