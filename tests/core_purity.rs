@@ -13,7 +13,7 @@ fn core_imports_no_io_and_reads_no_clock() {
         "std::thread",
         "std::process",
         "io_uring",
-        "fuser",
+        "crate::shell",
     ];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
     let mut checked = 0;

@@ -1,16 +1,18 @@
-//! The per-resource driver: one tokio task owns a core [`Resource`] and carries out its
+//! The per-resource driver: one OS thread owns a core [`Resource`] and carries out its
 //! actions against the backing disk, the peer connections and the frontend.
 //!
-//! The driver is one OS thread that owns the core and the backing disk's io_uring.
-//! Everything else that happens to the resource arrives as an [`Event`] on one channel:
-//! FUSE requests, frames from the peer, accepted connections, admin commands. The thread
-//! handles what is there, drains the core's actions, and sleeps in `io_uring_enter` until
-//! a disk completion, a new event (an eventfd the ring watches) or the core's next
-//! deadline. An application write thus costs one thread hand-off (FUSE to driver): the
-//! driver submits it to the disk itself, reaps the completion itself and answers FUSE
-//! itself. No lock is shared with the hot path: the core is owned by this thread alone.
-//! Where io_uring is not allowed, a disk worker thread (pread/pwrite) sends completions
-//! as events instead.
+//! The driver thread owns the core and the backing disk's io_uring. With the ring it
+//! reads FUSE requests and peer frames itself: readiness polls on `/dev/fuse` and on the
+//! peer sockets sit in the same ring as the disk requests. Everything else that happens
+//! to the resource arrives as an [`Event`] on one channel: accepted connections, admin
+//! commands, witness replies. The thread handles what is there, drains the core's
+//! actions, and sleeps in `io_uring_enter` until a disk completion, a readable device or
+//! socket, a new event (an eventfd the ring watches) or the core's next deadline. An
+//! application write thus crosses no thread inside the daemon: the driver reads it from
+//! `/dev/fuse`, submits it to the disk, reaps the completion and answers FUSE itself;
+//! a flush is an fdatasync on this thread. No lock is shared with the hot path: the core
+//! is owned by this thread alone. Where io_uring is not allowed, a disk worker thread
+//! (pread/pwrite) sends completions as events and a FUSE reader thread sends requests.
 //!
 //! Peer connections: two TCP connections per peer, `data` (writes, resync) and `meta`
 //! (acks, pings), so that acknowledgements never wait behind bulk data. The node whose
@@ -47,7 +49,7 @@ use crate::core::witness;
 use crate::core::Instant;
 use crate::shell::control::Reply;
 use crate::shell::disk::{AlignedBuf, Completion, Disk, DiskOp, Ring};
-use crate::shell::frontend::{self, AppRequest, FuseDevice, ReadDone, SECTOR_BYTES};
+use crate::shell::frontend::{self, AppRequest, FuseDevice, FuseState, ReadDone, SECTOR_BYTES};
 use crate::shell::net::{self, Attached};
 use crate::shell::sendq::{self, SendQueue};
 use crate::shell::services::{self, Service};
@@ -65,6 +67,12 @@ const NET_POLL_BIT: u64 = 1 << 63;
 /// Bytes read from one peer socket per readiness, so that a flood on one channel does
 /// not hold up the disk and the other channel.
 const RX_BUDGET_BYTES: usize = 4 << 20;
+
+/// Ring tag of the readiness poll on `/dev/fuse`: that of connection 0, which never
+/// exists (connections are numbered from 1).
+const FUSE_POLL_TAG: u64 = NET_POLL_BIT;
+/// FUSE requests taken per readiness, so that a burst does not hold up the peer.
+const FUSE_BUDGET_REQUESTS: usize = 256;
 
 fn net_poll_tag(conn: u64, channel: usize) -> u64 {
     NET_POLL_BIT | (conn << 1) | channel as u64
@@ -269,6 +277,8 @@ struct Driver {
     dial_failures: u64,
     pending_data: Option<TcpStream>,
     fuse: FuseDevice,
+    /// Reused for the requests of one FUSE readiness.
+    fuse_reqs: Vec<AppRequest>,
     link: PathBuf,
     loop_dev: Option<PathBuf>,
     device_busy: bool,
@@ -337,7 +347,7 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
     } else {
         None
     };
-    let disk = match ring {
+    let mut disk = match ring {
         Some(r) => {
             tracing::info!(resource = %name, backend = "io_uring", direct = r.direct, "backing disk open");
             Backing::Ring(Box::new(r))
@@ -356,14 +366,16 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
             Backing::Thread(d)
         }
     };
-    let ftx = tx.clone();
-    let fuse = FuseDevice::mount(
-        &s.mountpoint,
-        s.core.data_bytes(),
-        Arc::new(move |r| {
-            let _ = ftx.send(Event::App(r));
-        }),
-    )?;
+    let mut fuse = FuseDevice::mount(&s.mountpoint, s.core.data_bytes())?;
+    match &mut disk {
+        Backing::Ring(r) => r.poll_readable(FUSE_POLL_TAG, fuse.raw_fd()),
+        Backing::Thread(_) => {
+            let ftx = tx.clone();
+            fuse.spawn_reader(Arc::new(move |r| {
+                let _ = ftx.send(Event::App(r));
+            }))?
+        }
+    }
     frontend::remove_link(&s.link);
     let dialer = s.peer.local_node < s.peer.peer_node;
     let witness_tx = s.peer.witness_addr.map(|addr| {
@@ -409,6 +421,7 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         dial_failures: 0,
         pending_data: None,
         fuse,
+        fuse_reqs: Vec::new(),
         link: s.link,
         loop_dev: None,
         device_busy: false,
@@ -536,6 +549,10 @@ impl Driver {
             if let Err(e) = frontend::detach_loop(&dev) {
                 tracing::warn!(resource = %self.name, error = %e, "detach loop device");
             }
+        }
+        if let Backing::Ring(r) = &mut self.disk {
+            r.cancel_polls(FUSE_POLL_TAG);
+            r.flush_submissions();
         }
         self.fuse.unmount();
         tracing::info!(resource = %self.name, "stopped");
@@ -801,7 +818,27 @@ impl Driver {
         }
     }
 
+    /// The ring says `/dev/fuse` is readable: take the waiting requests.
+    fn on_fuse_readable(&mut self, now: Instant) {
+        let mut reqs = std::mem::take(&mut self.fuse_reqs);
+        let state = self.fuse.read_requests(FUSE_BUDGET_REQUESTS, &mut reqs);
+        for r in reqs.drain(..) {
+            self.on_app(now, r);
+        }
+        self.fuse_reqs = reqs;
+        match (state, &mut self.disk) {
+            (FuseState::Gone, _) => {
+                tracing::info!(resource = %self.name, "FUSE connection closed");
+            }
+            (_, Backing::Ring(r)) => r.poll_readable(FUSE_POLL_TAG, self.fuse.raw_fd()),
+            (_, Backing::Thread(_)) => {}
+        }
+    }
+
     fn on_disk(&mut self, now: Instant, c: Completion) {
+        if c.tag == FUSE_POLL_TAG {
+            return self.on_fuse_readable(now);
+        }
         if c.tag & NET_POLL_BIT != 0 {
             return self.on_peer_readable(now, c.tag);
         }
@@ -1010,8 +1047,13 @@ impl Driver {
     fn device_busy_error(&self) -> Option<String> {
         let dev = self.loop_dev.as_ref()?;
         frontend::in_use_settled(dev).then(|| {
+            let holders = frontend::holders(dev);
+            let who = match holders.is_empty() {
+                true => "mounted or held open".to_string(),
+                false => holders.join(", "),
+            };
             format!(
-                "{} ({}) is in use (mounted or held open); unmount it first",
+                "{} ({}) is in use ({who}); unmount it first",
                 self.link.display(),
                 dev.display()
             )

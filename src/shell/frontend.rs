@@ -9,25 +9,32 @@
 //! the device is absent. Its logical block size is 4 KiB, so every request that reaches
 //! the daemon is 4 KiB aligned, as O_DIRECT on the backing disk needs.
 
-use std::ffi::OsStr;
+//! How the database sees the device: a FUSE file per resource, attached to a loop device
+//! on the primary, with `/dev/tandem/RES` (or the configured path) linking to it.
+//!
+//! Tandem serves the FUSE connection itself ([`crate::shell::fuse`] has the protocol).
+//! With io_uring, the resource's driver thread reads `/dev/fuse` when its ring says the
+//! device is readable ([`FuseDevice::read_requests`]), so a request reaches the core
+//! without a thread hand-off; without io_uring, a reader thread sends the requests on
+//! ([`FuseDevice::spawn_reader`]). Either way, data requests become [`AppRequest`]s,
+//! answered through their boxed completion when the core says so, from whatever thread
+//! calls it; metadata requests are answered at once. The driver does not know FUSE.
+//!
+//! The loop device is attached on promotion and detached on demotion, so on a secondary
+//! the device is absent. Its logical block size is 4 KiB, so every request that reaches
+//! the daemon is 4 KiB aligned, as O_DIRECT on the backing disk needs.
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
-
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
-    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
-};
 
 use crate::shell::disk::AlignedBuf;
+use crate::shell::fuse::{self, Request, Shape};
 
-/// Requests reach the daemon in multiples of this, at offsets that are multiples of it.
-pub const SECTOR_BYTES: u64 = 4096;
-/// The file inside the FUSE mount that the loop device is attached to.
-pub const DATA_FILE: &str = "data";
+pub use crate::shell::fuse::{DATA_FILE, SECTOR_BYTES};
 
 pub type WriteDone = Box<dyn FnOnce(Result<(), i32>) + Send>;
 pub type ReadDone = Box<dyn FnOnce(Result<&[u8], i32>) + Send>;
@@ -50,207 +57,117 @@ pub enum AppRequest {
     },
 }
 
-/// Where the frontend sends requests; the driver's event channel wraps this.
+/// Where the frontend's reader thread sends requests; the driver's event channel.
 pub type Submit = Arc<dyn Fn(AppRequest) + Send + Sync>;
 
-const INO_DATA: INodeNo = INodeNo(2);
-const TTL: Duration = Duration::from_secs(1);
+/// How long a fresh mount may take to send its INIT request.
+const INIT_TIMEOUT_MS: u16 = 5000;
 
-struct DeviceFs {
+/// The open `/dev/fuse` of one mount; replies go out through it from any thread.
+struct Chan {
+    fd: OwnedFd,
+}
+
+impl Chan {
+    fn reply(&self, unique: u64, result: Result<&[u8], i32>) {
+        let (error, payload) = match result {
+            Ok(p) => (0, p),
+            Err(e) => (-e, &[][..]),
+        };
+        let h = fuse::out_header(unique, error, payload.len());
+        match nix::sys::uio::writev(&self.fd, &[IoSlice::new(&h), IoSlice::new(payload)]) {
+            Ok(_) => {}
+            // The request was interrupted or the mount went away: nobody waits for it.
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV) => {
+                tracing::debug!(unique, "FUSE reply to a request nobody waits for")
+            }
+            Err(e) => tracing::warn!(unique, error = %e, "FUSE reply failed"),
+        }
+    }
+}
+
+/// Whether more requests may be waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuseState {
+    /// None left now: wait for readiness.
+    WouldBlock,
+    /// The budget ran out with requests possibly left.
+    Budget,
+    /// The mount is gone (unmounted or aborted): stop reading.
+    Gone,
+}
+
+/// Reads requests from `/dev/fuse` into one buffer big enough for the largest.
+struct Reader {
+    chan: Arc<Chan>,
+    buf: Vec<u8>,
     data_bytes: u64,
     writable: Arc<AtomicBool>,
-    submit: Submit,
 }
 
-impl DeviceFs {
-    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
-        let (kind, size, perm, nlink) = match ino {
-            INodeNo::ROOT => (FileType::Directory, 0, 0o700, 2),
-            INO_DATA => (FileType::RegularFile, self.data_bytes, 0o600, 1),
-            _ => return None,
-        };
-        Some(FileAttr {
-            ino,
-            size,
-            blocks: size / 512,
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind,
-            perm,
-            nlink,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            flags: 0,
-            blksize: SECTOR_BYTES as u32,
-        })
-    }
-}
-
-impl Filesystem for DeviceFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Large writes mean fewer round trips through the daemon; the kernel caps this to
-        // what it supports.
-        let _ = config.set_max_write(1 << 20);
-        // The loop device submits direct I/O asynchronously; with FUSE_ASYNC_DIO the
-        // kernel keeps many of those requests in flight instead of one at a time, so a
-        // database's fsync does not queue behind page-cache writeback. Measured: pgbench
-        // +25% in protocol C (docs/performance.md).
-        if config
-            .add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO)
-            .is_err()
-        {
-            tracing::warn!(
-                "kernel without FUSE_ASYNC_DIO: device requests are served one at a time"
-            );
-        }
-        let _ = config.set_max_background(64);
-        let _ = config.set_congestion_threshold(48);
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match (parent, self.attr(INO_DATA)) {
-            (INodeNo::ROOT, Some(a)) if name == DATA_FILE => {
-                reply.entry(&TTL, &a, fuser::Generation(0))
-            }
-            _ => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if ino != INO_DATA {
-            return reply.error(Errno::EISDIR);
-        }
-        let wants_write = flags.0 & nix::libc::O_ACCMODE != nix::libc::O_RDONLY;
-        if wants_write && !self.writable.load(Ordering::Acquire) {
-            return reply.error(Errno::EROFS);
-        }
-        // Direct I/O: no second page cache under the loop device's, and a secondary that
-        // becomes primary never serves pages cached before the resync changed them.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        (self.submit)(AppRequest::Read {
-            offset,
-            len: size,
-            done: Box::new(move |r| match r {
-                Ok(d) => reply.data(d),
-                Err(e) => reply.error(Errno::from_i32(e)),
-            }),
-        });
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        if !self.writable.load(Ordering::Acquire) {
-            return reply.error(Errno::EROFS);
-        }
-        if !offset.is_multiple_of(SECTOR_BYTES) || !(data.len() as u64).is_multiple_of(SECTOR_BYTES)
-        {
-            tracing::warn!(
-                offset,
-                len = data.len(),
-                "write not 4 KiB aligned refused; use the loop device"
-            );
-            return reply.error(Errno::EINVAL);
-        }
-        if offset.saturating_add(data.len() as u64) > self.data_bytes {
-            return reply.error(Errno::ENOSPC);
-        }
-        let n = data.len() as u32;
-        // The one copy of a write's payload: FUSE lends the bytes; O_DIRECT and the
-        // network share this aligned buffer from here on.
-        (self.submit)(AppRequest::Write {
-            offset,
-            data: AlignedBuf::from_slice(data),
-            done: Box::new(move |r| match r {
-                Ok(()) => reply.written(n),
-                Err(e) => reply.error(Errno::from_i32(e)),
-            }),
-        });
-    }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        // close(2): nothing is cached here, so there is nothing to write back.
-        reply.ok();
-    }
-
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        (self.submit)(AppRequest::Flush {
-            done: Box::new(move |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(Errno::from_i32(e)),
-            }),
-        });
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        if ino != INodeNo::ROOT {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let entries = [
-            (INodeNo::ROOT, FileType::Directory, "."),
-            (INodeNo::ROOT, FileType::Directory, ".."),
-            (INO_DATA, FileType::RegularFile, DATA_FILE),
-        ];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(*ino, (i + 1) as u64, *kind, name) {
-                break;
+impl Reader {
+    /// Read and decode up to `max_requests` requests, answering metadata requests at
+    /// once and pushing data requests onto `out`.
+    fn read_available(&mut self, max_requests: usize, out: &mut Vec<AppRequest>) -> FuseState {
+        for _ in 0..max_requests {
+            let n = match nix::unistd::read(self.chan.fd.as_raw_fd(), &mut self.buf) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN) => return FuseState::WouldBlock,
+                // Interrupted, or a request withdrawn before we read it: read on.
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::ENOENT) => continue,
+                Err(nix::errno::Errno::ENODEV) => return FuseState::Gone,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading /dev/fuse failed; the device stops serving");
+                    return FuseState::Gone;
+                }
+            };
+            let shape = Shape {
+                data_bytes: self.data_bytes,
+                writable: self.writable.load(Ordering::Acquire),
+            };
+            let chan = &self.chan;
+            match fuse::parse(&self.buf[..n], shape) {
+                Request::None => {}
+                Request::Reply { unique, result } => {
+                    chan.reply(unique, result.as_deref().map_err(|&e| e))
+                }
+                Request::Write {
+                    unique,
+                    offset,
+                    data,
+                } => {
+                    let chan = chan.clone();
+                    let mut written = [0u8; 8];
+                    written[..4].copy_from_slice(&(data.len() as u32).to_le_bytes());
+                    // The one copy of a write's payload: from the request buffer into an
+                    // aligned one that O_DIRECT and the network share from here on.
+                    out.push(AppRequest::Write {
+                        offset,
+                        data: AlignedBuf::from_slice(data),
+                        done: Box::new(move |r| chan.reply(unique, r.map(|()| &written[..]))),
+                    });
+                }
+                Request::Read {
+                    unique,
+                    offset,
+                    len,
+                } => {
+                    let chan = chan.clone();
+                    out.push(AppRequest::Read {
+                        offset,
+                        len,
+                        done: Box::new(move |r| chan.reply(unique, r)),
+                    });
+                }
+                Request::Fsync { unique } => {
+                    let chan = chan.clone();
+                    out.push(AppRequest::Flush {
+                        done: Box::new(move |r| chan.reply(unique, r.map(|()| &[][..]))),
+                    });
+                }
             }
         }
-        reply.ok();
+        FuseState::Budget
     }
 }
 
@@ -272,17 +189,19 @@ pub struct FuseDevice {
     pub mountpoint: PathBuf,
     pub file: PathBuf,
     writable: Arc<AtomicBool>,
-    session: Option<fuser::BackgroundSession>,
+    chan: Arc<Chan>,
+    /// Here until [`FuseDevice::spawn_reader`] moves it to its thread.
+    reader: Option<Reader>,
+    /// The reader thread and the eventfd that stops it.
+    thread: Option<(std::thread::JoinHandle<()>, OwnedFd)>,
+    mounted: bool,
 }
 
 impl FuseDevice {
     /// Mount the resource's FUSE file at `mountpoint`, first clearing what a crashed
-    /// daemon may have left there (its loop devices and its dead mount).
-    pub fn mount(
-        mountpoint: &Path,
-        data_bytes: u64,
-        submit: Submit,
-    ) -> Result<FuseDevice, FrontendError> {
+    /// daemon may have left there (its loop devices and its dead mount), and answer the
+    /// kernel's INIT, so that the file is ready when this returns.
+    pub fn mount(mountpoint: &Path, data_bytes: u64) -> Result<FuseDevice, FrontendError> {
         let file = mountpoint.join(DATA_FILE);
         for dev in loops_backed_by(&file) {
             tracing::warn!(device = %dev.display(), "detaching a loop device left by an earlier run");
@@ -295,29 +214,143 @@ impl FuseDevice {
         let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
         std::fs::create_dir_all(mountpoint)
             .map_err(io_err(format!("create {}", mountpoint.display())))?;
+        let raw = nix::fcntl::open(
+            "/dev/fuse",
+            nix::fcntl::OFlag::O_RDWR
+                | nix::fcntl::OFlag::O_CLOEXEC
+                | nix::fcntl::OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| io_err("open /dev/fuse")(e.into()))?;
+        // SAFETY: `open` just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let options = format!(
+            "fd={},rootmode=40000,user_id={},group_id={}",
+            fd.as_raw_fd(),
+            nix::unistd::geteuid(),
+            nix::unistd::getegid()
+        );
+        nix::mount::mount(
+            Some("tandem"),
+            mountpoint,
+            Some("fuse.tandem"),
+            nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NOEXEC,
+            Some(options.as_str()),
+        )
+        .map_err(|e| io_err(format!("FUSE mount at {}", mountpoint.display()))(e.into()))?;
+        let chan = Arc::new(Chan { fd });
         let writable = Arc::new(AtomicBool::new(false));
-        let fs = DeviceFs {
-            data_bytes,
-            writable: writable.clone(),
-            submit,
-        };
-        let mut cfg = fuser::Config::default();
-        cfg.mount_options = vec![
-            MountOption::FSName("tandem".into()),
-            MountOption::Subtype("tandem".into()),
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::NoExec,
-        ];
-        cfg.n_threads = Some(1);
-        let session = fuser::spawn_mount(fs, mountpoint, &cfg)
-            .map_err(io_err(format!("FUSE mount at {}", mountpoint.display())))?;
-        Ok(FuseDevice {
+        let mut dev = FuseDevice {
             mountpoint: mountpoint.to_path_buf(),
             file,
-            writable,
-            session: Some(session),
-        })
+            writable: writable.clone(),
+            chan: chan.clone(),
+            reader: Some(Reader {
+                chan,
+                buf: vec![0u8; fuse::REQUEST_BUF_BYTES],
+                data_bytes,
+                writable,
+            }),
+            thread: None,
+            mounted: true,
+        };
+        // On an error, dropping `dev` unmounts again.
+        dev.answer_init()?;
+        Ok(dev)
+    }
+
+    fn answer_init(&mut self) -> Result<(), FrontendError> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        let what = format!("FUSE INIT at {}", self.mountpoint.display());
+        let fd = self.chan.fd.as_fd();
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, PollTimeout::from(INIT_TIMEOUT_MS)) {
+            Ok(0) => {
+                return Err(FrontendError::Command(format!(
+                    "{what}: no request from the kernel"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(io_err(what)(e.into())),
+        }
+        let Some(reader) = self.reader.as_mut() else {
+            return Err(FrontendError::Command(format!("{what}: no reader")));
+        };
+        let n = nix::unistd::read(fd.as_raw_fd(), &mut reader.buf)
+            .map_err(|e| io_err(what.clone())(e.into()))?;
+        let init = fuse::init_reply(&reader.buf[..n])
+            .map_err(|e| FrontendError::Command(format!("{what}: {e}")))?;
+        self.chan.reply(init.unique, Ok(&init.reply));
+        if !init.async_dio {
+            tracing::warn!(
+                "kernel without FUSE_ASYNC_DIO: device requests are served one at a time"
+            );
+        }
+        Ok(())
+    }
+
+    /// The `/dev/fuse` descriptor, for a readiness poll; readable when requests wait.
+    pub fn raw_fd(&self) -> RawFd {
+        self.chan.fd.as_raw_fd()
+    }
+
+    /// Take up to `max_requests` waiting requests without blocking (the caller polls
+    /// [`FuseDevice::raw_fd`]). Metadata requests are answered here; data requests are
+    /// pushed onto `out`. After [`FuseDevice::spawn_reader`], always `Gone`.
+    pub fn read_requests(&mut self, max_requests: usize, out: &mut Vec<AppRequest>) -> FuseState {
+        match self.reader.as_mut() {
+            Some(r) => r.read_available(max_requests, out),
+            None => FuseState::Gone,
+        }
+    }
+
+    /// Serve the requests from a thread of their own, sending data requests to `submit`
+    /// (for a driver without io_uring to poll with).
+    pub fn spawn_reader(&mut self, submit: Submit) -> Result<(), FrontendError> {
+        let Some(mut reader) = self.reader.take() else {
+            return Ok(());
+        };
+        let stop = nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
+        )
+        .map_err(|e| io_err("eventfd")(e.into()))?;
+        let stop = OwnedFd::from(stop);
+        let stop_thread = stop.try_clone().map_err(io_err("dup eventfd"))?;
+        let thread = std::thread::Builder::new()
+            .name("tandem-fuse".into())
+            .spawn(move || {
+                use nix::poll::{PollFd, PollFlags, PollTimeout};
+                let mut out = Vec::new();
+                loop {
+                    let mut fds = [
+                        PollFd::new(reader.chan.fd.as_fd(), PollFlags::POLLIN),
+                        PollFd::new(stop_thread.as_fd(), PollFlags::POLLIN),
+                    ];
+                    match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "poll /dev/fuse failed; the device stops serving");
+                            return;
+                        }
+                    }
+                    if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                        return;
+                    }
+                    let state = reader.read_available(256, &mut out);
+                    for r in out.drain(..) {
+                        submit(r);
+                    }
+                    if state == FuseState::Gone {
+                        return;
+                    }
+                }
+            })
+            .map_err(io_err("spawn the FUSE reader thread"))?;
+        self.thread = Some((thread, stop));
+        Ok(())
     }
 
     pub fn set_writable(&self, on: bool) {
@@ -325,10 +358,18 @@ impl FuseDevice {
     }
 
     pub fn unmount(&mut self) {
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
-                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "FUSE unmount");
-                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        if !std::mem::take(&mut self.mounted) {
+            return;
+        }
+        if let Err(e) = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "FUSE unmount; detaching lazily");
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if let Some((thread, stop)) = self.thread.take() {
+            if let Err(e) = nix::unistd::write(&stop, &1u64.to_ne_bytes()) {
+                tracing::warn!(error = %e, "cannot stop the FUSE reader thread");
+            } else if thread.join().is_err() {
+                tracing::error!("the FUSE reader thread panicked");
             }
         }
     }
@@ -412,16 +453,72 @@ pub fn in_use(dev: &Path) -> bool {
     }
 }
 
-/// [`in_use`], allowing up to half a second for a holder that is just letting go (a
+/// [`in_use`], allowing up to two seconds for a holder that is just letting go (a
 /// file system unmounted a moment ago by a service, a probe by udev).
 pub fn in_use_settled(dev: &Path) -> bool {
-    for _ in 0..25 {
+    for _ in 0..100 {
         if !in_use(dev) {
             return false;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     true
+}
+
+/// Who holds `dev`, for an operator told it is in use: the mount points it is mounted
+/// on in this mount namespace and the processes that have it open (`pid (command)`).
+pub fn holders(dev: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rdev) = std::fs::metadata(dev).map(|m| m.rdev()) else {
+        return Vec::new();
+    };
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let want = format!("{major}:{minor}");
+    let mounted_on = |mountinfo: &Path| -> Vec<String> {
+        std::fs::read_to_string(mountinfo)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let mount_point = f.get(4).filter(|_| f.get(2) == Some(&want.as_str()))?;
+                Some(mount_point.to_string())
+            })
+            .collect()
+    };
+    let mut out: Vec<String> = mounted_on(Path::new("/proc/self/mountinfo"))
+        .into_iter()
+        .map(|m| format!("mounted on {m}"))
+        .collect();
+    let own_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let mut seen_ns = Vec::new();
+    let procs = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    for p in procs {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = || std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        // A mount in another mount namespace holds the device as well, unseen here.
+        if let Ok(ns) = std::fs::read_link(p.path().join("ns/mnt")) {
+            if Some(&ns) != own_ns.as_ref() && !seen_ns.contains(&ns) {
+                for m in mounted_on(&p.path().join("mountinfo")) {
+                    out.push(format!(
+                        "mounted on {m} in the mount namespace of pid {pid} ({})",
+                        comm().trim()
+                    ));
+                }
+                seen_ns.push(ns);
+            }
+        }
+        let opens = std::fs::read_dir(p.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == dev));
+        if opens {
+            out.push(format!("open by pid {pid} ({})", comm().trim()));
+        }
+    }
+    out
 }
 
 /// Point `link` at `target`, replacing an old link.

@@ -5,6 +5,7 @@ pub mod control;
 pub mod disk;
 pub mod driver;
 pub mod frontend;
+pub mod fuse;
 pub mod http;
 pub mod md;
 pub mod net;
