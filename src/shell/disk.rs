@@ -243,7 +243,6 @@ enum Held {
     // Never read: holding the Arc keeps the payload alive while the kernel reads it.
     Write(#[allow(dead_code)] Arc<AlignedBuf>),
     Read(AlignedBuf),
-    Flush,
     Wake,
     /// A readiness poll on a socket the caller owns.
     Poll,
@@ -269,6 +268,10 @@ pub struct Ring {
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
     unsubmitted: u32,
+    /// Flushes asked for since the last fdatasync; one fdatasync serves them all.
+    flush_tags: Vec<u64>,
+    /// Completions made on this thread (flushes), handed out by the next `reap`.
+    ready: Vec<Completion>,
 }
 
 impl Ring {
@@ -289,12 +292,16 @@ impl Ring {
             wake_buf: Box::new([0u8; 8]),
             wake_armed: false,
             unsubmitted: 0,
+            flush_tags: Vec::new(),
+            ready: Vec::new(),
         })
     }
 
     /// Requests submitted and not yet completed (the wake-up read not counted).
     pub fn in_flight(&self) -> usize {
         self.in_flight.len() - usize::from(self.wake_armed)
+            + self.flush_tags.len()
+            + self.ready.len()
     }
 
     /// Keep a read posted on `fd` (an eventfd) so that a write to it ends [`Ring::wait`].
@@ -335,9 +342,21 @@ impl Ring {
         }
     }
 
+    /// Queue `op`; it starts at the next [`Ring::flush_submissions`] or [`Ring::wait`].
+    ///
+    /// A flush is not an io_uring request: the owner's thread calls fdatasync itself,
+    /// once for every flush asked for since the last one, after submitting the queued
+    /// writes. In io_uring an fsync always runs on an io-wq worker thread, and that
+    /// hand-off (and the workers' fdatasyncs of the same file running side by side) cost
+    /// pgbench on protocol C about a quarter of its throughput here (docs/performance.md).
+    /// The price: the thread is blocked for as long as the disk takes to flush.
     pub fn submit(&mut self, tag: u64, op: DiskOp) {
         use io_uring::{opcode, types};
         let fd = types::Fd(self.file.as_raw_fd());
+        if let DiskOp::Flush = op {
+            self.flush_tags.push(tag);
+            return;
+        }
         let id = self.next_id;
         self.next_id += 1;
         let (entry, held, want) = match op {
@@ -355,13 +374,7 @@ impl Ring {
                     .build();
                 (e, Held::Read(b), len)
             }
-            DiskOp::Flush => (
-                opcode::Fsync::new(fd)
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build(),
-                Held::Flush,
-                0,
-            ),
+            DiskOp::Flush => return,
         };
         // The buffer lives in `in_flight` (heap memory that does not move) until the
         // completion arrives.
@@ -416,6 +429,12 @@ impl Ring {
     /// the eventfd returns early, possibly with nothing.
     pub fn wait(&mut self, timeout: Option<std::time::Duration>) -> Vec<Completion> {
         use io_uring::types;
+        self.flush_submissions();
+        // Flushes done here are completions already: look, do not sleep.
+        let timeout = match self.ready.is_empty() {
+            true => timeout,
+            false => Some(std::time::Duration::ZERO),
+        };
         let ts;
         let args;
         let r = match timeout {
@@ -441,13 +460,23 @@ impl Ring {
         self.reap()
     }
 
-    /// Submit what is queued without waiting.
+    /// Submit what is queued without waiting for it; run the queued flushes.
     pub fn flush_submissions(&mut self) {
         if self.unsubmitted > 0 {
             if let Err(e) = self.ring.submit() {
                 tracing::error!(error = %e, "io_uring submit failed");
             }
             self.unsubmitted = 0;
+        }
+        if self.flush_tags.is_empty() {
+            return;
+        }
+        // A flush covers the writes completed before it was asked for; those are on the
+        // disk already, and writes still in flight need not wait for it.
+        let r = nix::unistd::fdatasync(self.file.as_raw_fd());
+        for tag in self.flush_tags.drain(..) {
+            let result = r.map(|()| None).map_err(io::Error::from);
+            self.ready.push(Completion { tag, result });
         }
     }
 
@@ -460,7 +489,7 @@ impl Ring {
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        let mut out = Vec::with_capacity(done.len());
+        let mut out = std::mem::take(&mut self.ready);
         for (id, res) in done {
             let Some((tag, held, want)) = self.in_flight.remove(&id) else {
                 continue;
