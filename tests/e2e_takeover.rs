@@ -8,10 +8,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::pg::HTTP_PORT;
 use common::{Cluster, Opts};
 
 const LEASE_MS: u64 = 1500;
-const HTTP_PORT: u16 = 8008;
 
 /// An `exec` service that drops a marker file on the mount (refusing to start on the
 /// node named `fail_on`).

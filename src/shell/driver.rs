@@ -28,7 +28,7 @@
 //! next request's).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -132,6 +132,13 @@ pub enum Event {
     },
     Status {
         reply: oneshot::Sender<serde_json::Value>,
+    },
+    /// Whether the device is still held, checked off the driver thread before `cmd`
+    /// (`busy`: why it cannot go).
+    DeviceChecked {
+        cmd: AdminCmd,
+        reply: oneshot::Sender<Reply>,
+        busy: Option<String>,
     },
     /// The loop device was attached (promote) or detached (demote).
     DeviceDone {
@@ -282,6 +289,8 @@ struct Driver {
     link: PathBuf,
     loop_dev: Option<PathBuf>,
     device_busy: bool,
+    /// A demotion waits for [`device_busy_error`]'s answer.
+    device_checking: bool,
     shutdown: Option<oneshot::Sender<()>>,
     witness_tx: Option<mpsc::UnboundedSender<(witness::Request, u64)>>,
     /// The reply of the admin command being handled, for the device steps it causes.
@@ -425,6 +434,7 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         link: s.link,
         loop_dev: None,
         device_busy: false,
+        device_checking: false,
         shutdown: None,
         witness_tx,
         admin_reply: None,
@@ -637,6 +647,19 @@ impl Driver {
             Event::Admin { cmd, reply } => self.on_admin(now, cmd, reply),
             Event::Status { reply } => {
                 let _ = reply.send(self.status_json());
+            }
+            Event::DeviceChecked { cmd, reply, busy } => {
+                self.device_checking = false;
+                match busy {
+                    Some(e) => {
+                        if cmd == AdminCmd::Switchover {
+                            self.switchover_asked = None;
+                        }
+                        let _ = reply.send(Reply::err(e));
+                    }
+                    None if cmd == AdminCmd::Switchover => self.switchover(now, reply),
+                    None => self.run_admin(now, cmd, reply),
+                }
             }
             Event::DeviceDone {
                 attached,
@@ -902,19 +925,46 @@ impl Driver {
             self.drain_promoter();
             return;
         }
+        if self.device_checking {
+            let _ = reply.send(Reply::err("a role change is still in progress; try again"));
+            return;
+        }
         if cmd == AdminCmd::Switchover {
-            return self.switchover(now, reply);
+            return self.check_device_then(now, cmd, reply);
         }
         if self.device_busy {
             let _ = reply.send(Reply::err("a role change is still in progress; try again"));
             return;
         }
         if cmd == AdminCmd::Demote && self.core.role() == Role::Primary {
-            if let Some(e) = self.device_busy_error() {
-                let _ = reply.send(Reply::err(e));
-                return;
-            }
+            return self.check_device_then(now, cmd, reply);
         }
+        self.run_admin(now, cmd, reply);
+    }
+
+    /// Before a demotion or switchover: whether something outside the services (stopped
+    /// by then) still has the device mounted or open. A holder that is just letting go
+    /// (a file system unmounted a moment ago) may need this thread to serve its last
+    /// I/O, so the check, which allows it time to settle, runs on a thread of its own
+    /// and `cmd` goes on when its answer comes back.
+    fn check_device_then(&mut self, now: Instant, cmd: AdminCmd, reply: oneshot::Sender<Reply>) {
+        let Some(dev) = self.loop_dev.clone() else {
+            return match cmd {
+                AdminCmd::Switchover => self.switchover(now, reply),
+                _ => self.run_admin(now, cmd, reply),
+            };
+        };
+        self.device_checking = true;
+        let link = self.link.clone();
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            let busy = device_busy_error(&link, &dev);
+            let _ = tx.send(Event::DeviceChecked { cmd, reply, busy });
+        });
+    }
+
+    /// An admin command the device allows now.
+    fn run_admin(&mut self, now: Instant, cmd: AdminCmd, reply: oneshot::Sender<Reply>) {
         let msg = match &cmd {
             AdminCmd::Promote { .. } => "already primary",
             AdminCmd::Demote => "already secondary",
@@ -1042,34 +1092,12 @@ impl Driver {
         }
     }
 
-    /// Why the device cannot go now: something outside the services (which are stopped
-    /// by then) still has it mounted or open.
-    fn device_busy_error(&self) -> Option<String> {
-        let dev = self.loop_dev.as_ref()?;
-        frontend::in_use_settled(dev).then(|| {
-            let holders = frontend::holders(dev);
-            let who = match holders.is_empty() {
-                true => "mounted or held open".to_string(),
-                false => holders.join(", "),
-            };
-            format!(
-                "{} ({}) is in use ({who}); unmount it first",
-                self.link.display(),
-                dev.display()
-            )
-        })
-    }
-
-    /// The services are down: demote and hand over to the peer.
+    /// The services are down and the device free: demote and hand over to the peer.
     fn switchover(&mut self, now: Instant, reply: oneshot::Sender<Reply>) {
         let asked = self
             .switchover_asked
             .take()
             .unwrap_or_else(std::time::Instant::now);
-        if let Some(e) = self.device_busy_error() {
-            let _ = reply.send(Reply::err(e));
-            return;
-        }
         match self.core.handle_admin(now, AdminCmd::Switchover) {
             Err(e) => {
                 let _ = reply.send(Reply::err(e.to_string()));
@@ -1697,4 +1725,21 @@ fn errno(e: ReqError) -> i32 {
         ReqError::OutOfRange => nix::libc::ENOSPC,
         ReqError::Io => nix::libc::EIO,
     }
+}
+
+/// Why `dev` (linked as `link`) cannot go now: something still has it mounted or open.
+/// Blocks for up to the settling time of [`frontend::in_use_settled`].
+fn device_busy_error(link: &Path, dev: &Path) -> Option<String> {
+    frontend::in_use_settled(dev).then(|| {
+        let holders = frontend::holders(dev);
+        let who = match holders.is_empty() {
+            true => "mounted or held open".to_string(),
+            false => holders.join(", "),
+        };
+        format!(
+            "{} ({}) is in use ({who}); unmount it first",
+            link.display(),
+            dev.display()
+        )
+    })
 }

@@ -62,10 +62,21 @@ pub fn pg_cluster(test: &str, protocol: &str, disk_bytes: u64) -> Cluster {
          stop = '''runuser -u postgres -- {PG_BIN}/pg_ctl -D {pgd} -m fast -w -t 60 stop'''\n"
     );
     c.append_config(&services);
+    c.add_global(&format!("http-listen = \"0.0.0.0:{HTTP_PORT}\""));
     c.start(0);
     c.start(1);
     c.wait_in_sync(30);
     c
+}
+
+/// Where the nodes' health endpoint listens (Patroni's port).
+pub const HTTP_PORT: u16 = 8008;
+
+/// The nodes whose `/primary` answers 200.
+pub fn primaries(c: &Cluster) -> Vec<usize> {
+    (0..2)
+        .filter(|&i| c.http_get(i, HTTP_PORT, "/primary") == Some(200))
+        .collect()
 }
 
 pub fn running(s: &serde_json::Value) -> bool {
@@ -279,6 +290,8 @@ pub fn crash_scenario(test: &str, protocol: &str, say: &dyn Fn(&str)) -> CrashRe
         w.acked()
     ));
 
+    assert_eq!(primaries(&c), vec![0], "/primary before the crash");
+
     // The whole primary node dies: PostgreSQL and tandemd, SIGKILL.
     let killed_at = Instant::now();
     let pgdata = c.dir.join("mnt-alpha/pgdata");
@@ -291,7 +304,24 @@ pub fn crash_scenario(test: &str, protocol: &str, say: &dyn Fn(&str)) -> CrashRe
     say(&format!(
         "killed every process of alpha (SIGKILL) after row {rows_before}"
     ));
-    w.wait_more(50, 60, "after the crash, on the survivor");
+    // Until the survivor has committed 50 more rows, /primary may answer 200 on at most
+    // one node (the dead one answers nothing); once it has, on exactly one: beta.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut samples = 0u32;
+    while w.acked() < rows_before + 50 {
+        assert!(
+            Instant::now() < deadline,
+            "after the crash, on the survivor: no commits for 60 s"
+        );
+        let serving = primaries(&c);
+        assert!(serving.len() <= 1, "/primary 200 on {serving:?} at once");
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(primaries(&c), vec![1], "/primary after the failover");
+    say(&format!(
+        "/primary answered 200 on at most one node in {samples} samples during the failover, on beta after it"
+    ));
     let rto = w.first_ack_after(killed_at).unwrap_or_default();
     let s = c.wait_for(1, "PostgreSQL running on the survivor", 10, running);
     assert_eq!(s["role"], "primary");
@@ -322,6 +352,8 @@ pub fn crash_scenario(test: &str, protocol: &str, say: &dyn Fn(&str)) -> CrashRe
     });
     assert_eq!(s["services"]["phase"], "idle");
     c.wait_in_sync(60);
+    assert_eq!(primaries(&c), vec![1], "/primary after the rejoin");
+    assert_eq!(c.http_get(0, HTTP_PORT, "/replica"), Some(200));
     let resynced_bytes = c.status(0)["resync"]["total_bytes"].as_u64().unwrap_or(0);
     say(&format!(
         "alpha came back as secondary and resynced {resynced_bytes} bytes from beta; the pair is in sync"
