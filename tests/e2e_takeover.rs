@@ -2,7 +2,8 @@
 //! a service on it after promotion, stops both in reverse before demotion, takes over on
 //! the survivor when the primary dies, and demotes again when a service fails to start.
 //! A `vip` service puts its address on the primary's interface only, and moves it with a
-//! switchover.
+//! switchover. A service that will not stop keeps the node primary (`none`) or ends the
+//! daemon so that the peer takes over (`exit`).
 
 mod common;
 
@@ -175,6 +176,73 @@ fn a_service_failing_on_the_survivor_demotes_it_and_leaves_nothing_mounted() {
         "left mounted after a failed start"
     );
     assert!(s["device"].is_null(), "device still attached: {s:#}");
+}
+
+/// An `exec` service like [`marker_service`] whose stop fails while the file
+/// `stuck-{node}` exists in the test directory.
+fn stubborn_service(dir: &str) -> String {
+    format!(
+        "start = \"echo $TANDEM_NODE > {dir}/mnt-$TANDEM_NODE/serving\"\n\
+         stop = \"test ! -f {dir}/stuck-$TANDEM_NODE && rm -f {dir}/mnt-$TANDEM_NODE/serving\"\n"
+    )
+}
+
+#[test]
+fn a_service_that_will_not_stop_keeps_the_node_primary_until_a_demote_succeeds() {
+    let c = takeover_cluster("stopfail", "on-demote-failure = \"none\"", stubborn_service);
+    c.ctl(0, &["promote", "r0"]);
+    c.wait_for(0, "services running", 30, running);
+    let stuck = c.dir.join("stuck-alpha");
+    std::fs::write(&stuck, "").expect("stuck marker");
+
+    // The stop fails: the node stays primary with the file system mounted (something may
+    // still use the device), and says why.
+    let err = c.ctl_fails(0, &["demote", "r0"]);
+    assert!(err.contains("not demoted"), "{err}");
+    let s = c.status(0);
+    assert_eq!(s["role"], "primary", "{s:#}");
+    assert_eq!(s["services"]["phase"], "stop-failed", "{s:#}");
+    assert!(
+        s["services"]["last_failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("exec")),
+        "{s:#}"
+    );
+    assert!(mounted(&mnt(&c, "alpha")), "unmounted after a failed stop");
+    assert_eq!(c.http_get(0, HTTP_PORT, "/primary"), Some(503));
+    assert_eq!(c.status(1)["role"], "secondary");
+
+    // Once the service lets go, a new demote retries the remaining stops and demotes.
+    std::fs::remove_file(&stuck).expect("stuck marker");
+    c.ctl(0, &["demote", "r0"]);
+    let s = c.wait_for(0, "demoted", 20, |s| {
+        s["role"] == "secondary" && s["services"]["phase"] == "idle"
+    });
+    assert!(s["device"].is_null(), "device still attached: {s:#}");
+    assert!(!mounted(&mnt(&c, "alpha")), "left mounted after the demote");
+}
+
+#[test]
+fn with_on_demote_failure_exit_a_stuck_stop_ends_the_daemon_and_the_peer_takes_over() {
+    let mut c = takeover_cluster("stopexit", "on-demote-failure = \"exit\"", stubborn_service);
+    c.ctl(0, &["promote", "r0"]);
+    c.wait_for(0, "services running", 30, running);
+    std::fs::write(c.dir.join("stuck-alpha"), "").expect("stuck marker");
+
+    let out = c.ctl_output(0, &["demote", "r0"]);
+    assert!(
+        !out.status.success(),
+        "demote succeeded with a stuck service"
+    );
+    let st = c.wait_exit(0, 10);
+    assert_eq!(st.code(), Some(1), "tandemd should exit with 1");
+    // Its lease runs out; the witness lets beta take over, and beta's services start.
+    let s = c.wait_for(1, "beta serving", 40, running);
+    assert_eq!(s["role"], "primary");
+    assert_eq!(
+        std::fs::read_to_string(mnt(&c, "beta").join("serving")).expect("marker"),
+        "beta\n"
+    );
 }
 
 /// A writer as the service: appends numbered rows to `rows` on the mount, syncing each,

@@ -361,6 +361,23 @@ impl Cluster {
         }
     }
 
+    /// Wait up to `secs` for node `i`'s daemon to exit by itself.
+    pub fn wait_exit(&mut self, i: usize, secs: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let c = self.nodes[i].child.as_mut().expect("tandemd not started");
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.nodes[i].child = None;
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tandemd on node {i} still runs after {secs} s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
