@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages the end-to-end tests, the demo and the benchmarks use:
 # fio, FUSE, e2fsprogs, util-linux (losetup, setpriv, nsenter, runuser), iproute2, and a
-# PostgreSQL 15 server with its client tools and pgbench. Idempotent.
+# PostgreSQL 15 server with its client tools and pgbench, and systemd-analyze (to verify the
+# units). Idempotent.
 set -euo pipefail
 need=()
-for pair in fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs losetup:util-linux setpriv:util-linux nsenter:util-linux runuser:util-linux ip:iproute2 psql:postgresql-client-15 pgbench:postgresql-client-15 /usr/lib/postgresql/15/bin/postgres:postgresql-15 /usr/lib/postgresql/15/bin/pg_amcheck:postgresql-15; do
+for pair in fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs losetup:util-linux setpriv:util-linux nsenter:util-linux runuser:util-linux ip:iproute2 psql:postgresql-client-15 pgbench:postgresql-client-15 /usr/lib/postgresql/15/bin/postgres:postgresql-15 /usr/lib/postgresql/15/bin/pg_amcheck:postgresql-15 systemd-analyze:systemd; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -118,6 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(listen = %cfg.listen, lease_ms = cfg.lease_ms, "tandem-witness ready; granting nothing for one lease period");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    process::sd_notify("READY=1");
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -139,6 +140,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopping");
+    process::sd_notify("STOPPING=1");
     Ok(())
 }
 

@@ -234,7 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
     tracing::info!(node = %node, socket = %socket.display(), resources = daemon.resources.len(), "tandemd ready");
-    sd_notify("READY=1");
+    process::sd_notify("READY=1");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -243,7 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     tracing::info!("stopping");
-    sd_notify("STOPPING=1");
+    process::sd_notify("STOPPING=1");
     daemon
         .stopping
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -396,27 +396,6 @@ async fn resources_answer(daemon: &Daemon, within: std::time::Duration) -> bool 
         }
     }
     true
-}
-
-/// Tell systemd (Type=notify) how we are doing; a no-op without NOTIFY_SOCKET.
-fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(s) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let p = PathBuf::from(path);
-    let r = if let Some(abs) = p.to_str().and_then(|s| s.strip_prefix('@')) {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())
-            .and_then(|a| s.send_to_addr(state.as_bytes(), &a))
-    } else {
-        s.send_to(state.as_bytes(), &p)
-    };
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "sd_notify");
-    }
 }
 
 async fn accept_loop(l: TcpListener, secret: Arc<Vec<u8>>, daemon: Arc<Daemon>) {

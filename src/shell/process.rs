@@ -1,5 +1,6 @@
 //! What every Tandem binary does the same way at start and exit: parse arguments with
-//! the usage exit code, log to stderr, and turn a failure into one line and exit code 1.
+//! the usage exit code, log to stderr, tell systemd it is ready or stopping, and turn a
+//! failure into one line and exit code 1.
 
 use std::process::ExitCode;
 
@@ -36,5 +37,26 @@ pub fn finish<E: std::fmt::Display>(prog: &str, r: Result<(), E>, log: bool) -> 
             eprintln!("{prog}: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Tell systemd (Type=notify) how we are doing; a no-op without NOTIFY_SOCKET.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(s) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let p = std::path::PathBuf::from(path);
+    let r = if let Some(abs) = p.to_str().and_then(|s| s.strip_prefix('@')) {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())
+            .and_then(|a| s.send_to_addr(state.as_bytes(), &a))
+    } else {
+        s.send_to(state.as_bytes(), &p)
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "sd_notify");
     }
 }

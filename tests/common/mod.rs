@@ -297,7 +297,7 @@ impl Cluster {
 
     /// `tandemd` for node `i`, inside its network namespace (the mount namespace stays
     /// shared, so FUSE and loop devices are visible to the test).
-    fn daemon_cmd(&self, i: usize) -> Command {
+    pub fn daemon_cmd(&self, i: usize) -> Command {
         let n = &self.nodes[i];
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", n.ns))
@@ -642,7 +642,7 @@ impl Cluster {
         .expect("witness config");
     }
 
-    fn witness_cmd(&self) -> Command {
+    pub fn witness_cmd(&self) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!(
             "--net=/run/netns/{}",
