@@ -505,36 +505,49 @@ fn pread_pwrite_fallback_replicates_too() {
     c.assert_disks_identical();
 }
 
-#[test]
-fn watchdog_is_petted_while_the_daemon_runs_and_disarmed_on_stop() {
-    let mut c = Cluster::new("watchdog", Opts::default());
-    // A plain file stands in for /dev/watchdog: every pet is a byte, the magic close a 'V'.
+/// A cluster whose nodes pet a plain file that stands in for /dev/watchdog (every pet is
+/// a byte, the magic close a 'V'), 2 s timeout, so a pet every 0.5 s.
+fn watchdog_cluster(test: &str) -> (Cluster, std::path::PathBuf) {
+    let c = Cluster::new(test, Opts::default());
     let wd = c.dir.join("watchdog");
     std::fs::write(&wd, b"").expect("watchdog file");
-    let cfg = std::fs::read_to_string(&c.config).expect("config");
-    std::fs::write(
-        &c.config,
-        cfg.replacen(
-            "[global]\n",
-            &format!(
-                "[global]\nwatchdog = \"{}\"\nwatchdog-timeout-s = 2\n",
-                wd.display()
-            ),
-            1,
-        ),
-    )
-    .expect("config");
+    c.add_global(&format!(
+        "watchdog = \"{}\"\nwatchdog-timeout-s = 2",
+        wd.display()
+    ));
+    (c, wd)
+}
+
+fn pets(wd: &std::path::Path) -> Vec<u8> {
+    std::fs::read(wd).expect("watchdog file")
+}
+
+/// Poll `ok` until it holds; panics with `what` after `secs`.
+fn wait_until(secs: u64, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_pets(wd: &std::path::Path, more: usize, what: &str) {
+    let start = pets(wd).len();
+    wait_until(10, &format!("{what}: {more} pets"), || {
+        pets(wd).len() >= start + more
+    });
+}
+
+#[test]
+fn watchdog_is_petted_while_the_daemon_runs_and_disarmed_on_stop() {
+    let (mut c, wd) = watchdog_cluster("watchdog");
     c.create_md(0, &["--assume-clean"]);
     c.start(0);
-    let pets = || std::fs::read(&wd).expect("watchdog file");
-    let wait_pets = |more: usize, what: &str| {
-        let start = pets().len();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while pets().len() < start + more {
-            assert!(std::time::Instant::now() < deadline, "{what}: no pets");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let pets = || pets(&wd);
+    let wait_pets = |more: usize, what: &str| wait_pets(&wd, more, what);
     wait_pets(3, "running");
     // A hung daemon pets nothing: three pet periods (0.5 s each) pass without one.
     c.signal(0, nix::sys::signal::Signal::SIGSTOP);
@@ -548,4 +561,82 @@ fn watchdog_is_petted_while_the_daemon_runs_and_disarmed_on_stop() {
     let all = pets();
     assert_eq!(all.last(), Some(&b'V'), "no magic close on a clean stop");
     assert!(all[..all.len() - 1].iter().all(|&b| b == 0));
+}
+
+/// One thread of another process stopped by ptrace while its other threads run: a hung
+/// thread. Let go on drop. ptrace requests come from the thread that attached, so the
+/// guard stays on the test's thread.
+struct FrozenThread(nix::unistd::Pid);
+
+impl FrozenThread {
+    fn freeze(pid: u32, comm: &str) -> FrozenThread {
+        use nix::sys::{ptrace, wait};
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+        let tid = tasks
+            .flatten()
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == comm)
+            })
+            .and_then(|t| t.file_name().to_str()?.parse::<i32>().ok())
+            .unwrap_or_else(|| panic!("no thread {comm} in pid {pid}"));
+        let tid = nix::unistd::Pid::from_raw(tid);
+        ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace seize");
+        ptrace::interrupt(tid).expect("ptrace interrupt");
+        wait::waitpid(tid, Some(wait::WaitPidFlag::__WALL)).expect("thread stopped");
+        FrozenThread(tid)
+    }
+}
+
+impl Drop for FrozenThread {
+    fn drop(&mut self) {
+        let _ = nix::sys::ptrace::detach(self.0, None);
+    }
+}
+
+fn wait_log(c: &Cluster, i: usize, line: &str, secs: u64) {
+    wait_until(secs, &format!("log line {line:?}"), || {
+        std::fs::read_to_string(&c.nodes[i].log)
+            .unwrap_or_default()
+            .contains(line)
+    });
+}
+
+#[test]
+fn watchdog_stops_being_petted_while_one_resource_thread_hangs() {
+    // One node (both would pet the same file): its resource thread runs without a peer.
+    let (mut c, wd) = watchdog_cluster("wdhang");
+    c.create_md(0, &["--assume-clean"]);
+    c.start(0);
+    c.ctl(0, &["promote", "r0"]);
+    wait_pets(&wd, 3, "running");
+    let pid = c.nodes[0]
+        .child
+        .as_ref()
+        .map(|ch| ch.id())
+        .expect("alpha runs");
+
+    // The resource's driver thread hangs; the rest of the daemon (the watchdog's own
+    // task among it) runs on. The watchdog is no longer petted.
+    let frozen = FrozenThread::freeze(pid, "tandem-r0");
+    wait_log(&c, 0, "a resource thread does not answer", 10);
+    let stopped_at = pets(&wd).len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        pets(&wd).len(),
+        stopped_at,
+        "petted while a resource thread hangs"
+    );
+
+    // The thread recovers before the reset: petting resumes, replication too.
+    drop(frozen);
+    wait_pets(&wd, 2, "after the thread went on");
+    wait_log(&c, 0, "every resource answers again", 10);
+    assert_eq!(c.status(0)["role"], "primary");
+    c.ctl(0, &["demote", "r0"]);
+    c.stop(0);
+    assert_eq!(
+        pets(&wd).last(),
+        Some(&b'V'),
+        "no magic close on a clean stop"
+    );
 }
