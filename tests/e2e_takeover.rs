@@ -3,11 +3,13 @@
 //! the survivor when the primary dies, and demotes again when a service fails to start.
 //! A `vip` service puts its address on the primary's interface only, and moves it with a
 //! switchover. A service that will not stop keeps the node primary (`none`) or ends the
-//! daemon so that the peer takes over (`exit`).
+//! daemon so that the peer takes over (`exit`). `systemd` services call `systemctl` (a
+//! stand-in here) after the mount on start and before it on stop.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::pg::HTTP_PORT;
 use common::{Cluster, Opts};
@@ -26,9 +28,26 @@ fn marker_service(dir: &str, fail_on: &str) -> String {
 
 /// A pair with a witness and ext4 on the device, then restarted with two services:
 /// the file system mounted at `mnt-{node}`, and the `exec` service that
-/// `exec(test dir)` gives. Nobody is primary.
+/// `exec(test dir)` gives. Nobody is primary. The daemons find a stand-in `systemctl`
+/// first on their PATH (this machine runs no systemd), which logs each call to
+/// `systemctl.log`: the node, its arguments, and whether the node's file system is mounted.
 fn takeover_cluster(test: &str, extra: &str, exec: impl Fn(&str) -> String) -> Cluster {
     let mut c = Cluster::new(test, Opts::default());
+    let bin = c.dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let d = c.dir.display();
+    std::fs::write(
+        bin.join("systemctl"),
+        format!(
+            "#!/bin/sh\nmountpoint -q {d}/mnt-$TANDEM_NODE && m=mounted || m=unmounted\n\
+             echo \"$TANDEM_NODE $* $m\" >> {d}/systemctl.log\n"
+        ),
+    )
+    .expect("systemctl");
+    common::sh(Command::new("chmod").arg("+x").arg(bin.join("systemctl")));
+    let path = std::env::var("PATH").unwrap_or_default();
+    c.daemon_env
+        .push(("PATH".into(), format!("{}:{path}", bin.display())));
     c.with_witness("C", LEASE_MS, extra);
     c.up(0, true);
     c.mkfs(0);
@@ -150,6 +169,35 @@ fn services_follow_the_role_and_move_to_the_survivor() {
         std::fs::read_to_string(b.join("serving")).expect("marker"),
         "beta\n"
     );
+}
+
+#[test]
+fn systemd_units_start_after_the_mount_and_stop_before_it_on_each_primary() {
+    let c = takeover_cluster("sysd", "", |d| {
+        marker_service(d, "nobody")
+            + "\n[[resource.r0.service]]\ntype = \"systemd\"\nunit = \"tandem-demo.service\"\n"
+    });
+    let calls = |c: &Cluster| -> Vec<String> {
+        std::fs::read_to_string(c.dir.join("systemctl.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    c.ctl(0, &["promote", "r0"]);
+    c.wait_for(0, "services running", 30, running);
+    assert_eq!(calls(&c), ["alpha start tandem-demo.service mounted"]);
+    c.ctl(0, &["switchover", "r0"]);
+    c.wait_for(1, "services running on beta", 30, running);
+    assert_eq!(
+        calls(&c),
+        [
+            "alpha start tandem-demo.service mounted",
+            "alpha stop tandem-demo.service mounted",
+            "beta start tandem-demo.service mounted",
+        ]
+    );
+    assert!(!mounted(&mnt(&c, "alpha")));
 }
 
 #[test]

@@ -118,6 +118,8 @@ pub struct Cluster {
     /// Command-line patterns of processes services started (a database), killed first
     /// when the cluster drops.
     kill_patterns: Vec<String>,
+    /// Environment for the daemons started from now on.
+    pub daemon_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -151,6 +153,7 @@ impl Cluster {
             witness_addr: format!("{subnet}.3:7790"),
             witness_child: None,
             kill_patterns: Vec::new(),
+            daemon_env: Vec::new(),
         };
         sh(Command::new("ip").args(["netns", "add", &c.bridge_ns]));
         sh(Command::new("ip").args(["-n", &c.bridge_ns, "link", "add", "br0", "type", "bridge"]));
@@ -308,7 +311,8 @@ impl Cluster {
             .arg("--node")
             .arg(&n.name)
             .arg("--run-dir")
-            .arg(&n.run_dir);
+            .arg(&n.run_dir)
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
         c
     }
 
