@@ -593,14 +593,6 @@ impl Drop for FrozenThread {
     }
 }
 
-fn wait_log(c: &Cluster, i: usize, line: &str, secs: u64) {
-    wait_until(secs, &format!("log line {line:?}"), || {
-        std::fs::read_to_string(&c.nodes[i].log)
-            .unwrap_or_default()
-            .contains(line)
-    });
-}
-
 #[test]
 fn watchdog_stops_being_petted_while_one_resource_thread_hangs() {
     // One node (both would pet the same file): its resource thread runs without a peer.
@@ -618,7 +610,7 @@ fn watchdog_stops_being_petted_while_one_resource_thread_hangs() {
     // The resource's driver thread hangs; the rest of the daemon (the watchdog's own
     // task among it) runs on. The watchdog is no longer petted.
     let frozen = FrozenThread::freeze(pid, "tandem-r0");
-    wait_log(&c, 0, "a resource thread does not answer", 10);
+    c.wait_log(0, "a resource thread does not answer", 10);
     let stopped_at = pets(&wd).len();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
@@ -630,7 +622,7 @@ fn watchdog_stops_being_petted_while_one_resource_thread_hangs() {
     // The thread recovers before the reset: petting resumes, replication too.
     drop(frozen);
     wait_pets(&wd, 2, "after the thread went on");
-    wait_log(&c, 0, "every resource answers again", 10);
+    c.wait_log(0, "every resource answers again", 10);
     assert_eq!(c.status(0)["role"], "primary");
     c.ctl(0, &["demote", "r0"]);
     c.stop(0);

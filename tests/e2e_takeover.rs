@@ -226,6 +226,48 @@ fn a_service_failing_on_the_survivor_demotes_it_and_leaves_nothing_mounted() {
     assert!(s["device"].is_null(), "device still attached: {s:#}");
 }
 
+#[test]
+fn a_service_failing_on_the_primary_hands_the_role_to_the_peer() {
+    let c = takeover_cluster("svchand", "", |d| marker_service(d, "alpha"));
+    c.ctl(0, &["promote", "r0"]);
+    // Alpha mounts, fails the exec start, unmounts, demotes and asks beta to take over.
+    let s = c.wait_for(1, "beta serving", 40, running);
+    assert_eq!(s["role"], "primary");
+    assert_eq!(
+        std::fs::read_to_string(mnt(&c, "beta").join("serving")).expect("marker"),
+        "beta\n"
+    );
+    let a = c.wait_for(0, "alpha secondary", 10, |s| {
+        s["role"] == "secondary" && s["services"]["phase"] == "idle"
+    });
+    assert!(
+        a["services"]["last_failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("exec")),
+        "{a:#}"
+    );
+    assert!(!mounted(&mnt(&c, "alpha")), "left mounted on alpha");
+}
+
+#[test]
+fn services_failing_on_both_nodes_hand_the_role_over_once_not_back() {
+    let c = takeover_cluster("svcboth", "", |_| {
+        "start = \"false\"\nstop = \"true\"\n".to_string()
+    });
+    c.ctl(0, &["promote", "r0"]);
+    // Alpha fails and hands over; beta fails too and asks alpha, which declines.
+    c.wait_log(0, "the services failed to start here last time", 60);
+    for i in 0..2 {
+        let s = c.wait_for(i, "secondary with the failure reported", 20, |s| {
+            s["role"] == "secondary"
+                && s["services"]["phase"] == "idle"
+                && s["services"]["last_failure"].is_string()
+        });
+        assert!(s["device"].is_null(), "device still attached: {s:#}");
+    }
+    assert!(!mounted(&mnt(&c, "alpha")) && !mounted(&mnt(&c, "beta")));
+}
+
 /// An `exec` service like [`marker_service`] whose stop fails while the file
 /// `stuck-{node}` exists in the test directory.
 fn stubborn_service(dir: &str) -> String {

@@ -538,6 +538,11 @@ pub struct Resource {
     peer_target_durable: bool,
     /// A switchover waits until then for the peer to report itself primary.
     switchover_until: Option<Instant>,
+    /// The services failed to start here and have not started since (see
+    /// [`Resource::handle_services`]).
+    services_failed: bool,
+    /// The next demotion asks the peer to take over (services failed to start here).
+    hand_over_on_demote: bool,
     /// Since when a fail-back to the preferred peer could run (see `Params`).
     fail_back_ready_since: Option<Instant>,
     // Keepalive.
@@ -629,6 +634,8 @@ impl Resource {
             fence: FenceRun::NotRun,
             peer_target_durable: false,
             switchover_until: None,
+            services_failed: false,
+            hand_over_on_demote: false,
             fail_back_ready_since: None,
             last_rx: now,
             next_ping: None,
@@ -1426,6 +1433,16 @@ impl Resource {
 
     /// An operator command. `Ok(Pending)` means the answer follows as
     /// [`Action::AdminDone`] (promotion through the witness).
+    /// The shell's promoter started every service on this node (`started`), or one failed
+    /// to start and the node is about to demote. After a failure the demotion asks a
+    /// connected, up-to-date peer to take over (as a switchover does), and this node
+    /// declines such a request itself until its services start again: two nodes that
+    /// both cannot start them hand the role over once, not back and forth.
+    pub fn handle_services(&mut self, started: bool) {
+        self.services_failed = !started;
+        self.hand_over_on_demote = !started && self.role == Role::Primary;
+    }
+
     pub fn handle_admin(&mut self, now: Instant, cmd: AdminCmd) -> Result<AdminReply, AdminError> {
         self.now = now;
         let out = self.admin(cmd);
@@ -1471,7 +1488,14 @@ impl Resource {
                 if self.role != Role::Primary {
                     return Ok(AdminReply::Done);
                 }
+                let hand_over = std::mem::take(&mut self.hand_over_on_demote)
+                    && self.switchover_precheck().is_ok();
                 self.demote()?;
+                if hand_over {
+                    // After our State: the peer sees a secondary, then the request.
+                    tracing::info!(resource = %self.p.resource, "services failed to start here: asking the peer to take over");
+                    self.send(Msg::Handover);
+                }
                 Ok(AdminReply::Done)
             }
             AdminCmd::Switchover => {
@@ -1571,6 +1595,10 @@ impl Resource {
     /// would, through the witness when there is one.
     fn on_handover(&mut self) {
         if self.role == Role::Primary || self.want_promote.is_some() {
+            return;
+        }
+        if self.services_failed {
+            tracing::error!(resource = %self.p.resource, "the peer asked this node to take over, but the services failed to start here last time; promote by hand once fixed");
             return;
         }
         if let Err(e) = self.promote_precheck() {

@@ -610,6 +610,9 @@ impl Driver {
                     tracing::error!(resource = %self.name, service = %self.services[idx].name(), error = %e, "service failed");
                 }
                 self.promoter.handle_done(now, idx, result.is_ok());
+                if self.promoter.phase() == Phase::Running {
+                    self.core.handle_services(true);
+                }
                 self.drain_promoter();
             }
             Event::PeerMsg {
@@ -1142,6 +1145,7 @@ impl Driver {
             PromoterAction::Demote { after_failure } => {
                 if after_failure {
                     tracing::error!(resource = %self.name, failure = self.promoter.last_failure().unwrap_or(""), "a service failed to start: demoting so that the peer may take over");
+                    self.core.handle_services(false);
                 }
                 if let Some(r) = self.shutdown_after_services.take() {
                     self.handle(Event::Shutdown { reply: r });

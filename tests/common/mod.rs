@@ -365,6 +365,22 @@ impl Cluster {
         }
     }
 
+    /// Poll node `i`'s log until it holds `line`; panics after `secs`.
+    pub fn wait_log(&self, i: usize, line: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !std::fs::read_to_string(&self.nodes[i].log)
+            .unwrap_or_default()
+            .contains(line)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no log line {line:?} on {} within {secs} s",
+                self.nodes[i].name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Wait up to `secs` for node `i`'s daemon to exit by itself.
     pub fn wait_exit(&mut self, i: usize, secs: u64) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(secs);
