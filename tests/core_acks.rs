@@ -1,5 +1,6 @@
 //! One core driven by hand as a shell would: acknowledgement accounting per protocol,
-//! refusals, and the `fence-peer` step before a `fencing = "stonith"` promotion.
+//! refusals, the `fence-peer` step before a `fencing = "stonith"` promotion, and the
+//! handover after services failed to start.
 
 use tandem::core::meta::{self, Layout, Metadata, Superblock};
 use tandem::core::quorum::{Fencing, OnNoQuorum};
@@ -340,4 +341,80 @@ fn stonith_fences_nothing_while_the_peer_is_connected() {
     assert!(matches!(r, Ok(AdminReply::Done)), "{r:?}");
     assert_eq!(fence_runs_and_outcomes(&o.drain()).0, 0);
     assert_eq!(o.r.role(), Role::Primary);
+}
+
+fn sends_handover(actions: &[Action]) -> bool {
+    actions.iter().any(|a| {
+        matches!(
+            a,
+            Action::Send {
+                msg: Msg::Handover,
+                ..
+            }
+        )
+    })
+}
+
+#[test]
+fn a_demotion_after_failed_services_asks_a_ready_peer_to_take_over() {
+    // Services failed: the demotion hands over. A plain demote does not.
+    for (failed, want) in [(true, true), (false, false)] {
+        let mut o = primary(Protocol::C);
+        o.drain();
+        if failed {
+            o.r.handle_services(false);
+        }
+        o.r.handle_admin(Instant(3), AdminCmd::Demote)
+            .expect("demote");
+        assert_eq!(o.r.role(), Role::Secondary);
+        assert_eq!(
+            sends_handover(&o.drain()),
+            want,
+            "services failed: {failed}"
+        );
+    }
+    // Not connected: nobody to ask.
+    let mut o = One::new(Protocol::C);
+    o.finish_meta();
+    o.r.handle_admin(Instant(1), AdminCmd::Promote { force: false })
+        .expect("promote");
+    o.finish_meta();
+    o.drain();
+    o.r.handle_services(false);
+    o.r.handle_admin(Instant(3), AdminCmd::Demote)
+        .expect("demote");
+    assert!(!sends_handover(&o.drain()));
+}
+
+#[test]
+fn a_node_whose_services_failed_declines_a_handover_until_they_start() {
+    for (failed, started_since, promoted) in [
+        (false, false, true),
+        (true, false, false),
+        (true, true, true),
+    ] {
+        let mut o = One::new(Protocol::C);
+        o.finish_meta();
+        o.connect_established();
+        if failed {
+            // Primary once, failed, demoted; now secondary again.
+            o.r.handle_admin(Instant(1), AdminCmd::Promote { force: false })
+                .expect("promote");
+            o.finish_meta();
+            o.r.handle_services(false);
+            o.r.handle_admin(Instant(2), AdminCmd::Demote)
+                .expect("demote");
+            if started_since {
+                o.r.handle_services(true);
+            }
+        }
+        let term = o.r.status().term;
+        o.r.handle_peer_message(Instant(3), term, Msg::Handover, None);
+        o.finish_meta();
+        assert_eq!(
+            o.r.role() == Role::Primary,
+            promoted,
+            "failed {failed}, started since {started_since}"
+        );
+    }
 }
