@@ -1,6 +1,6 @@
 //! One core driven by hand as a shell would: acknowledgement accounting per protocol,
 //! refusals, the `fence-peer` step before a `fencing = "stonith"` promotion, and the
-//! handover after services failed to start.
+//! handover after services failed to start, and the flush a demotion runs first.
 
 use tandem::core::meta::{self, Layout, Metadata, Superblock};
 use tandem::core::quorum::{Fencing, OnNoQuorum};
@@ -199,6 +199,28 @@ fn protocol_c_completes_locally_when_peer_is_lost_and_marks_out_of_sync() {
     assert_eq!(o.r.status().out_of_sync_bytes, 4096);
 }
 
+/// The epoch of the barrier sent to the peer and the local flush a flush issued.
+fn barrier_and_flush(acts: &[Action]) -> (u64, IoId) {
+    let epoch = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                msg: Msg::Barrier { epoch },
+                ..
+            } => Some(*epoch),
+            _ => None,
+        })
+        .expect("barrier sent");
+    let flush_io = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::DiskFlush { io } => Some(*io),
+            _ => None,
+        })
+        .expect("local flush issued");
+    (epoch, flush_io)
+}
+
 #[test]
 fn flush_waits_for_barrier_ack_in_c_but_not_in_a() {
     for (protocol, needs_peer) in [(Protocol::A, false), (Protocol::C, true)] {
@@ -208,24 +230,7 @@ fn flush_waits_for_barrier_ack_in_c_but_not_in_a() {
         o.r.handle_peer_message(Instant(3), 0, Msg::WriteAck { seq }, None);
         o.drain();
         o.r.handle_app_flush(Instant(4), ReqId(11));
-        let acts = o.drain();
-        let epoch = acts
-            .iter()
-            .find_map(|a| match a {
-                Action::Send {
-                    msg: Msg::Barrier { epoch },
-                    ..
-                } => Some(*epoch),
-                _ => None,
-            })
-            .expect("barrier sent");
-        let flush_io = acts
-            .iter()
-            .find_map(|a| match a {
-                Action::DiskFlush { io } => Some(*io),
-                _ => None,
-            })
-            .expect("local flush issued");
+        let (epoch, flush_io) = barrier_and_flush(&o.drain());
         o.r.handle_disk_done(Instant(5), flush_io, true);
         let done = |acts: &[Action]| {
             acts.iter()
@@ -417,4 +422,46 @@ fn a_node_whose_services_failed_declines_a_handover_until_they_start() {
             "failed {failed}, started since {started_since}"
         );
     }
+}
+
+#[test]
+fn a_demotion_flushes_completed_writes_first_on_both_disks() {
+    let mut o = primary(Protocol::C);
+    let (io, seq) = write(&mut o, 10);
+    o.r.handle_disk_done(Instant(3), io, true);
+    o.r.handle_peer_message(Instant(3), 0, Msg::WriteAck { seq }, None);
+    assert!(completed(&o.drain(), 10));
+
+    // Write 10 is complete but on neither disk for sure: the demotion waits for a flush.
+    let r =
+        o.r.handle_admin(Instant(4), AdminCmd::Demote)
+            .expect("demote");
+    assert_eq!(r, AdminReply::Pending);
+    assert_eq!(o.r.role(), Role::Primary);
+    let (epoch, flush_io) = barrier_and_flush(&o.drain());
+    o.r.handle_disk_done(Instant(5), flush_io, true);
+    o.drain();
+    assert_eq!(o.r.role(), Role::Primary, "the peer's flush is still out");
+    o.r.handle_peer_message(Instant(6), 0, Msg::BarrierAck { epoch }, None);
+    o.finish_meta();
+    assert_eq!(o.r.role(), Role::Secondary);
+    assert!(
+        o.out.iter().any(|a| matches!(a, Action::AdminDone(Ok(())))),
+        "demotion answered"
+    );
+    assert!(
+        !o.out
+            .iter()
+            .any(|a| matches!(a, Action::CompleteFlush { .. })),
+        "the demotion's own flush is not the application's"
+    );
+
+    // Nothing unflushed: at once.
+    let mut o = primary(Protocol::C);
+    o.drain();
+    let r =
+        o.r.handle_admin(Instant(4), AdminCmd::Demote)
+            .expect("demote");
+    assert_eq!(r, AdminReply::Done);
+    assert_eq!(o.r.role(), Role::Secondary);
 }

@@ -5,7 +5,8 @@
 //! random subset of them), restarts, failover to the secondary, message delay. With the
 //! witness also: one-way and full partitions among the three, witness crashes and
 //! restarts, process pauses longer than the lease, clock rates that differ within the
-//! documented bound, lost and late witness replies.
+//! documented bound, lost and late witness replies, switchovers, and demotions after
+//! failed services that hand the role to the peer.
 //!
 //! Checked after every step (witness runs): invariant 1 (once term t+1 is granted, no node
 //! completes a write in a term <= t), invariant 2 (in B and C a completed flush is
@@ -194,6 +195,9 @@ struct Sim {
     next_req: u64,
     model: Model,
     app_in_flight: usize,
+    /// A planned move waiting for the application to go quiet: (node, switchover rather
+    /// than a demotion after failed services, give up at).
+    planned: Option<(usize, bool, u64)>,
     req_node: HashMap<u64, usize>,
     trace: bool,
     layout: Layout,
@@ -298,6 +302,7 @@ impl Sim {
             next_req: 1,
             model: Model::default(),
             app_in_flight: 0,
+            planned: None,
             req_node: HashMap::new(),
             trace,
             layout,
@@ -815,6 +820,9 @@ impl Sim {
     }
 
     fn app_step(&mut self) {
+        if self.planned.is_some() {
+            return;
+        }
         let Some(p) = self.primary() else { return };
         if self.app_in_flight >= 8 {
             return;
@@ -1136,6 +1144,7 @@ impl Sim {
                 9..=1600 => self.app_step(),
                 _ => {}
             }
+            self.planned_step();
             self.advance();
             if let Some(v) = &self.violation {
                 panic!("{v}");
@@ -1143,9 +1152,36 @@ impl Sim {
         }
     }
 
+    /// A planned move, once the application has stopped writing (its services are
+    /// stopped first, as the shell's promoter does) and nothing is in flight; dropped
+    /// after its deadline or when the node is no longer primary.
+    fn planned_step(&mut self) {
+        let Some((p, switchover, until)) = self.planned else {
+            return;
+        };
+        if self.now > until || self.primary() != Some(p) {
+            self.planned = None;
+            self.log(|| format!("planned move on node {p} dropped"));
+            return;
+        }
+        if self.app_in_flight > 0 || self.admin_pending[p] || self.paused(p) {
+            return;
+        }
+        self.planned = None;
+        if switchover {
+            let _ = self.admin(p, AdminCmd::Switchover);
+        } else {
+            if let Some(r) = self.nodes[p].res.as_mut() {
+                r.handle_services(false);
+            }
+            self.log(|| format!("node {p}: services failed to start"));
+            let _ = self.admin(p, AdminCmd::Demote);
+        }
+    }
+
     /// One fault among the three (witness runs only).
     fn witness_fault(&mut self) {
-        match self.rng.below(10) {
+        match self.rng.below(12) {
             // A one-way cut (or its healing) between any two of the three.
             0..=3 => {
                 let a = self.rng.below(3) as usize;
@@ -1180,6 +1216,16 @@ impl Sim {
                     self.log(|| format!("PAUSE node {i} for {ms} ms"));
                 }
             }
+            // A planned move on the primary: a switchover, or a demotion after its
+            // services failed to start (which asks the peer to take over as well).
+            10..=11 => {
+                let Some(p) = self.primary() else { return };
+                if self.planned.is_none() {
+                    let switchover = self.rng.below(2) == 0;
+                    self.planned = Some((p, switchover, self.now + 2 * LEASE_MS));
+                    self.log(|| format!("planned move on node {p}, switchover {switchover}"));
+                }
+            }
             // Crash the witness; it restarts from its state file.
             _ => {
                 if let Some(w) = self.witness.as_mut() {
@@ -1198,6 +1244,7 @@ impl Sim {
 
     /// Heal everything and wait for convergence.
     fn heal(&mut self) -> Result<(), String> {
+        self.planned = None;
         self.link_up = true;
         self.cut = [[false; 3]; 3];
         self.release_held();
@@ -1477,7 +1524,14 @@ fn split_brain_is_detected_on_both_nodes_and_resolved_by_discard_my_data() {
             );
         }
         // Beta is the victim: demote, reconnect discarding its data; alpha reconnects.
+        // Its writes since the last flush are flushed first; then it is secondary.
         sim.admin(1, AdminCmd::Demote).expect("demote victim");
+        settle(&mut sim, 1_000);
+        assert_eq!(
+            sim.nodes[1].res.as_ref().map(|r| r.role()),
+            Some(Role::Secondary),
+            "{protocol:?}: victim demoted"
+        );
         sim.admin(
             1,
             AdminCmd::Connect {

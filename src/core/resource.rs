@@ -375,6 +375,8 @@ struct WriteReq {
 struct FlushReq {
     epoch: u64,
     peer_needed: bool,
+    /// `writes_completed` when the flush was issued: the writes it covers.
+    covers_writes: u64,
     local_io: Option<IoId>,
     local_done: bool,
     local_failed: bool,
@@ -476,6 +478,10 @@ struct WitnessLink {
 
 /// Writes per epoch at most (DRBD's max-epoch-size).
 pub const MAX_EPOCH_WRITES: u64 = 1024;
+
+/// The request id of the flush a demotion or switchover issues itself (see
+/// `flush_then_demote`); application request ids stay below it.
+const ROLE_CHANGE_FLUSH: ReqId = ReqId(u64::MAX);
 /// An epoch with writes is closed after this long.
 pub const EPOCH_CLOSE_MS: u64 = 100;
 
@@ -543,6 +549,12 @@ pub struct Resource {
     services_failed: bool,
     /// The next demotion asks the peer to take over (services failed to start here).
     hand_over_on_demote: bool,
+    /// Application writes completed, and how many of them the last completed flush
+    /// covered: a demotion flushes first when they differ.
+    writes_completed: u64,
+    writes_flushed: u64,
+    /// The demotion or switchover that waits for [`ROLE_CHANGE_FLUSH`].
+    flush_then: Option<AdminCmd>,
     /// Since when a fail-back to the preferred peer could run (see `Params`).
     fail_back_ready_since: Option<Instant>,
     // Keepalive.
@@ -636,6 +648,9 @@ impl Resource {
             switchover_until: None,
             services_failed: false,
             hand_over_on_demote: false,
+            writes_completed: 0,
+            writes_flushed: 0,
+            flush_then: None,
             fail_back_ready_since: None,
             last_rx: now,
             next_ping: None,
@@ -1043,6 +1058,7 @@ impl Resource {
             FlushReq {
                 epoch: 0,
                 peer_needed: false,
+                covers_writes: 0,
                 local_io: None,
                 local_done: false,
                 local_failed: false,
@@ -1488,25 +1504,11 @@ impl Resource {
                 if self.role != Role::Primary {
                     return Ok(AdminReply::Done);
                 }
-                let hand_over = std::mem::take(&mut self.hand_over_on_demote)
-                    && self.switchover_precheck().is_ok();
-                self.demote()?;
-                if hand_over {
-                    // After our State: the peer sees a secondary, then the request.
-                    tracing::info!(resource = %self.p.resource, "services failed to start here: asking the peer to take over");
-                    self.send(Msg::Handover);
-                }
-                Ok(AdminReply::Done)
+                self.flush_then_demote(cmd)
             }
             AdminCmd::Switchover => {
                 self.switchover_precheck()?;
-                self.demote()?;
-                // After our State: the peer sees a secondary, then the request.
-                self.send(Msg::Handover);
-                self.switchover_until = Some(
-                    self.now
-                        .plus_ms(2 * self.p.lease_ms + 2 * self.p.ping_timeout_ms),
-                );
+                self.flush_then_demote(cmd)?;
                 Ok(AdminReply::Pending)
             }
             AdminCmd::Connect { discard_my_data } => {
@@ -1570,6 +1572,60 @@ impl Resource {
             )));
         }
         Ok(())
+    }
+
+    /// A demotion ends the activity log's cover of this node's writes, and a switchover
+    /// hands them to the peer: writes completed but not yet flushed, on either disk, could
+    /// then be lost in a crash on one side only, and nothing would mark them out of sync.
+    /// So they are flushed first (the local disk and, in B and C, the peer's, as an
+    /// application flush), and `cmd` finishes when that flush does.
+    fn flush_then_demote(&mut self, cmd: AdminCmd) -> Result<AdminReply, AdminError> {
+        if !self.writes.is_empty() || !self.pending.is_empty() {
+            return Err(AdminError::Busy(self.writes.len() + self.pending.len()));
+        }
+        if self.flush_then.is_some() {
+            return Err(AdminError::Busy(1));
+        }
+        // Without quorum the flush could not complete; the demotion goes ahead as before.
+        if self.writes_completed > self.writes_flushed && matches!(self.gate(), Gate::Open) {
+            self.flush_then = Some(cmd);
+            let now = self.now;
+            self.on_app_flush(now, ROLE_CHANGE_FLUSH);
+            return Ok(AdminReply::Pending);
+        }
+        self.demote_now(cmd)
+    }
+
+    /// Demote now (nothing unflushed): for a switchover, ask the peer to take over; after
+    /// failed services, ask it too if it is ready.
+    fn demote_now(&mut self, cmd: AdminCmd) -> Result<AdminReply, AdminError> {
+        if self.role != Role::Primary {
+            return Ok(AdminReply::Done);
+        }
+        let switchover = cmd == AdminCmd::Switchover;
+        if switchover {
+            self.switchover_precheck()?;
+        }
+        let hand_over =
+            switchover || (self.hand_over_on_demote && self.switchover_precheck().is_ok());
+        self.demote()?;
+        self.hand_over_on_demote = false;
+        if !hand_over {
+            return Ok(AdminReply::Done);
+        }
+        if !switchover {
+            tracing::info!(resource = %self.p.resource, "services failed to start here: asking the peer to take over");
+        }
+        // After our State: the peer sees a secondary, then the request.
+        self.send(Msg::Handover);
+        if !switchover {
+            return Ok(AdminReply::Done);
+        }
+        self.switchover_until = Some(
+            self.now
+                .plus_ms(2 * self.p.lease_ms + 2 * self.p.ping_timeout_ms),
+        );
+        Ok(AdminReply::Pending)
     }
 
     fn demote(&mut self) -> Result<(), AdminError> {
@@ -2103,10 +2159,7 @@ impl Resource {
                 }
                 Pending::Flush(req) => {
                     if self.flushes.remove(&req).is_some() {
-                        self.actions.push_back(Action::CompleteFlush {
-                            req,
-                            result: Err(ReqError::Io),
-                        });
+                        self.complete_flush(req, false);
                     }
                 }
             }
@@ -2657,13 +2710,44 @@ impl Resource {
                     let epoch = self.epoch;
                     let replicate = self.replicating();
                     self.close_epoch_now(replicate);
+                    let covers = self.writes_completed;
                     if let Some(f) = self.flushes.get_mut(&req) {
                         f.epoch = epoch;
                         f.peer_needed = replicate && self.p.protocol != Protocol::A;
+                        f.covers_writes = covers;
                     }
                     self.check_flushes();
                 }
             }
+        }
+    }
+
+    /// Answer a flush: to the application, or, for the flush a demotion asked for, go on
+    /// with the demotion.
+    fn complete_flush(&mut self, req: ReqId, ok: bool) {
+        if req != ROLE_CHANGE_FLUSH {
+            let result = if ok { Ok(()) } else { Err(ReqError::Io) };
+            self.actions
+                .push_back(Action::CompleteFlush { req, result });
+            return;
+        }
+        let Some(cmd) = self.flush_then.take() else {
+            return;
+        };
+        let switchover = cmd == AdminCmd::Switchover;
+        let r = if self.role != Role::Primary {
+            match switchover {
+                true => Err("this node was made secondary meanwhile (a newer term)".to_string()),
+                false => Ok(()),
+            }
+        } else if !ok {
+            Err("the flush before the demotion failed; still primary".to_string())
+        } else {
+            self.demote_now(cmd).map(|_| ()).map_err(|e| e.to_string())
+        };
+        // A switchover goes on until the peer reports itself primary.
+        if r.is_err() || !switchover {
+            self.actions.push_back(Action::AdminDone(r));
         }
     }
 
@@ -2744,6 +2828,9 @@ impl Resource {
                 } else {
                     Ok(())
                 };
+                if result.is_ok() {
+                    self.writes_completed += 1;
+                }
                 self.actions
                     .push_back(Action::CompleteWrite { req, result });
             }
@@ -2794,10 +2881,11 @@ impl Resource {
             self.actions.push_back(Action::DiskFlush { io });
         }
         for (req, failed) in done {
-            self.flushes.remove(&req);
-            let result = if failed { Err(ReqError::Io) } else { Ok(()) };
-            self.actions
-                .push_back(Action::CompleteFlush { req, result });
+            let covers = self.flushes.remove(&req).map_or(0, |f| f.covers_writes);
+            if !failed {
+                self.writes_flushed = self.writes_flushed.max(covers);
+            }
+            self.complete_flush(req, !failed);
         }
     }
 
