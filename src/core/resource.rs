@@ -2009,17 +2009,24 @@ impl Resource {
     }
 
     fn promoted_by_witness(&mut self, term: u64, sent_at: Instant, lease_ms: u64) {
+        let until = witness::lease_deadline(sent_at, lease_ms, quorum::LEASE_DRIFT_PERMILLE);
+        if until <= self.now && self.role != Role::Primary {
+            // The answer sat unread past its lease (the process was paused): the witness
+            // may have granted a newer term since, to a peer with writes this node lacks.
+            tracing::warn!(resource = %self.p.resource, term, "the witness's grant arrived after its lease ran out; not promoting on it");
+            self.promote_refused(
+                "the grant arrived after its lease had run out".into(),
+                false,
+            );
+            return;
+        }
         let want = self.want_promote.take();
         let manual = want.is_some_and(|w| w.manual);
         if term > self.sb.term {
             self.sb.term = term;
             self.term_persist = true;
         }
-        self.votes.lease_until = Some(witness::lease_deadline(
-            sent_at,
-            lease_ms,
-            quorum::LEASE_DRIFT_PERMILLE,
-        ));
+        self.votes.lease_until = Some(until);
         self.votes.peer_counts = true;
         self.forced = false;
         let out = if self.role == Role::Primary {
