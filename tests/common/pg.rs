@@ -113,8 +113,8 @@ pub struct RowWriter {
     acked: Arc<AtomicU64>,
     /// Longest time between two acknowledgements, in ms (the outage a client saw).
     max_gap_ms: Arc<AtomicU64>,
-    /// When each row was acknowledged (row n at index n - 1).
-    ack_times: Arc<Mutex<Vec<Instant>>>,
+    /// When each row was acknowledged (row n at index n - 1), and by which node.
+    ack_times: Arc<Mutex<Vec<(Instant, usize)>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -159,7 +159,7 @@ impl RowWriter {
                 };
                 if ok {
                     if let Ok(mut v) = tm.lock() {
-                        v.push(Instant::now());
+                        v.push((Instant::now(), target));
                     }
                     a.store(n, Ordering::Relaxed);
                     g.fetch_max(last_ack.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -180,10 +180,14 @@ impl RowWriter {
         }
     }
 
-    /// The first acknowledgement after `t`, as time since `t`.
-    pub fn first_ack_after(&self, t: Instant) -> Option<Duration> {
+    /// The first acknowledgement by node `i` after `t`, as time since `t`. (A commit
+    /// the old primary made just before it died can still be acknowledged after the
+    /// kill; it does not count as the survivor serving.)
+    pub fn first_ack_after(&self, t: Instant, i: usize) -> Option<Duration> {
         let v = self.ack_times.lock().ok()?;
-        v.iter().find(|&&x| x > t).map(|&x| x - t)
+        v.iter()
+            .find(|&&(x, node)| x > t && node == i)
+            .map(|&(x, _)| x - t)
     }
 
     pub fn acked(&self) -> u64 {
@@ -322,7 +326,7 @@ pub fn crash_scenario(test: &str, protocol: &str, say: &dyn Fn(&str)) -> CrashRe
     say(&format!(
         "/primary answered 200 on at most one node in {samples} samples during the failover, on beta after it"
     ));
-    let rto = w.first_ack_after(killed_at).unwrap_or_default();
+    let rto = w.first_ack_after(killed_at, 1).unwrap_or_default();
     let s = c.wait_for(1, "PostgreSQL running on the survivor", 10, running);
     assert_eq!(s["role"], "primary");
     say(&format!(
