@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{sh, Cluster, DirectWriter, Opts};
+use common::{sh, wait_until, Cluster, DirectWriter, Opts};
 
 #[test]
 fn ext4_fio_verify_then_backing_disks_identical() {
@@ -520,18 +520,6 @@ fn watchdog_cluster(test: &str) -> (Cluster, std::path::PathBuf) {
 
 fn pets(wd: &std::path::Path) -> Vec<u8> {
     std::fs::read(wd).expect("watchdog file")
-}
-
-/// Poll `ok` until it holds; panics with `what` after `secs`.
-fn wait_until(secs: u64, what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn wait_pets(wd: &std::path::Path, more: usize, what: &str) {

@@ -478,12 +478,12 @@ struct WitnessLink {
 
 /// Writes per epoch at most (DRBD's max-epoch-size).
 pub const MAX_EPOCH_WRITES: u64 = 1024;
+/// An epoch with writes is closed after this long.
+pub const EPOCH_CLOSE_MS: u64 = 100;
 
 /// The request id of the flush a demotion or switchover issues itself (see
 /// `flush_then_demote`); application request ids stay below it.
 const ROLE_CHANGE_FLUSH: ReqId = ReqId(u64::MAX);
-/// An epoch with writes is closed after this long.
-pub const EPOCH_CLOSE_MS: u64 = 100;
 
 pub struct Resource {
     p: Params,
@@ -1447,8 +1447,6 @@ impl Resource {
         }
     }
 
-    /// An operator command. `Ok(Pending)` means the answer follows as
-    /// [`Action::AdminDone`] (promotion through the witness).
     /// The shell's promoter started every service on this node (`started`), or one failed
     /// to start and the node is about to demote. After a failure the demotion asks a
     /// connected, up-to-date peer to take over (as a switchover does), and this node
@@ -1459,6 +1457,9 @@ impl Resource {
         self.hand_over_on_demote = !started && self.role == Role::Primary;
     }
 
+    /// An operator command. `Ok(Pending)` means the answer follows as
+    /// [`Action::AdminDone`] (promotion through the witness, a demotion that flushes
+    /// first, a switchover).
     pub fn handle_admin(&mut self, now: Instant, cmd: AdminCmd) -> Result<AdminReply, AdminError> {
         self.now = now;
         let out = self.admin(cmd);
@@ -1580,9 +1581,7 @@ impl Resource {
     /// So they are flushed first (the local disk and, in B and C, the peer's, as an
     /// application flush), and `cmd` finishes when that flush does.
     fn flush_then_demote(&mut self, cmd: AdminCmd) -> Result<AdminReply, AdminError> {
-        if !self.writes.is_empty() || !self.pending.is_empty() {
-            return Err(AdminError::Busy(self.writes.len() + self.pending.len()));
-        }
+        self.no_requests_in_flight()?;
         if self.flush_then.is_some() {
             return Err(AdminError::Busy(1));
         }
@@ -1610,15 +1609,14 @@ impl Resource {
             switchover || (self.hand_over_on_demote && self.switchover_precheck().is_ok());
         self.demote()?;
         self.hand_over_on_demote = false;
-        if !hand_over {
-            return Ok(AdminReply::Done);
+        if hand_over {
+            // After our State: the peer sees a secondary, then the request.
+            self.send(Msg::Handover);
         }
         if !switchover {
-            tracing::info!(resource = %self.p.resource, "services failed to start here: asking the peer to take over");
-        }
-        // After our State: the peer sees a secondary, then the request.
-        self.send(Msg::Handover);
-        if !switchover {
+            if hand_over {
+                tracing::info!(resource = %self.p.resource, "services failed to start here: asked the peer to take over");
+            }
             return Ok(AdminReply::Done);
         }
         self.switchover_until = Some(
@@ -1628,10 +1626,16 @@ impl Resource {
         Ok(AdminReply::Pending)
     }
 
-    fn demote(&mut self) -> Result<(), AdminError> {
-        if !self.writes.is_empty() || !self.pending.is_empty() {
-            return Err(AdminError::Busy(self.writes.len() + self.pending.len()));
+    /// A role change waits until no application request is in flight.
+    fn no_requests_in_flight(&self) -> Result<(), AdminError> {
+        match self.writes.len() + self.pending.len() {
+            0 => Ok(()),
+            n => Err(AdminError::Busy(n)),
         }
+    }
+
+    fn demote(&mut self) -> Result<(), AdminError> {
+        self.no_requests_in_flight()?;
         self.become_secondary();
         self.send_state();
         Ok(())

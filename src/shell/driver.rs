@@ -660,8 +660,7 @@ impl Driver {
                         }
                         let _ = reply.send(Reply::err(e));
                     }
-                    None if cmd == AdminCmd::Switchover => self.switchover(now, reply),
-                    None => self.run_admin(now, cmd, reply),
+                    None => self.device_free(now, cmd, reply),
                 }
             }
             Event::DeviceDone {
@@ -952,10 +951,7 @@ impl Driver {
     /// and `cmd` goes on when its answer comes back.
     fn check_device_then(&mut self, now: Instant, cmd: AdminCmd, reply: oneshot::Sender<Reply>) {
         let Some(dev) = self.loop_dev.clone() else {
-            return match cmd {
-                AdminCmd::Switchover => self.switchover(now, reply),
-                _ => self.run_admin(now, cmd, reply),
-            };
+            return self.device_free(now, cmd, reply);
         };
         self.device_checking = true;
         let link = self.link.clone();
@@ -964,6 +960,14 @@ impl Driver {
             let busy = device_busy_error(&link, &dev);
             let _ = tx.send(Event::DeviceChecked { cmd, reply, busy });
         });
+    }
+
+    /// The device may go: on with the demotion or switchover.
+    fn device_free(&mut self, now: Instant, cmd: AdminCmd, reply: oneshot::Sender<Reply>) {
+        match cmd {
+            AdminCmd::Switchover => self.switchover(now, reply),
+            _ => self.run_admin(now, cmd, reply),
+        }
     }
 
     /// An admin command the device allows now.

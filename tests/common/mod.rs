@@ -102,6 +102,15 @@ impl Default for Opts {
     }
 }
 
+/// Poll `ok` until it holds; panics naming `what` after `secs`.
+pub fn wait_until(secs: u64, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(Instant::now() < deadline, "no {what} within {secs} s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub config: PathBuf,
@@ -367,18 +376,12 @@ impl Cluster {
 
     /// Poll node `i`'s log until it holds `line`; panics after `secs`.
     pub fn wait_log(&self, i: usize, line: &str, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !std::fs::read_to_string(&self.nodes[i].log)
-            .unwrap_or_default()
-            .contains(line)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "no log line {line:?} on {} within {secs} s",
-                self.nodes[i].name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let what = format!("log line {line:?} on {}", self.nodes[i].name);
+        wait_until(secs, &what, || {
+            std::fs::read_to_string(&self.nodes[i].log)
+                .unwrap_or_default()
+                .contains(line)
+        });
     }
 
     /// Wait up to `secs` for node `i`'s daemon to exit by itself.
