@@ -1642,8 +1642,28 @@ impl Resource {
     }
 
     /// The role change itself, persisted, shared by a demotion and a step-down.
+    ///
+    /// Clearing the primary flag ends the activity log's cover of this node's writes. A
+    /// write that is not yet durable on both disks (completed since the last flush that
+    /// both sides confirmed, or still in the transfer log) could then be lost by a crash
+    /// on one side only with no bitmap bit saying so. A demotion normally flushes first
+    /// (`flush_then_demote`); when it could not (no quorum, or a step-down), the active
+    /// extents go to the bitmap, as a crash would have put them, before the flag clears.
     fn become_secondary(&mut self) {
         self.role = Role::Secondary;
+        if !self.tl.is_empty() || self.writes_completed > self.writes_flushed {
+            let extents: Vec<u32> = self.al.active_extents().to_vec();
+            let eb = self.al.extent_bytes();
+            for e in &extents {
+                self.bitmap.set_range(*e as u64 * eb, eb);
+            }
+            self.writes_flushed = self.writes_completed;
+            tracing::warn!(
+                resource = %self.p.resource,
+                extents = extents.len(),
+                "leaving the primary role with writes not flushed on both disks: activity log marked out of sync"
+            );
+        }
         self.sb.set(meta::FLAG_PRIMARY_ACTIVE, false);
         self.persist_dirty_pages();
         self.persist_superblock();
@@ -2205,6 +2225,7 @@ impl Resource {
     }
 
     fn check_gate(&mut self) {
+        self.resync_stray_bits();
         self.update_fail_back();
         self.note_quorum_loss();
         let g = self.gate();
@@ -2233,6 +2254,26 @@ impl Resource {
         }
         self.pump();
         self.retry_completions();
+    }
+
+    /// Blocks marked out of sync while the pair is established (a demotion that could
+    /// not flush first, a write that failed on one disk) are resynced only by a
+    /// handshake: start one, once the bits are on disk. Established normally holds no
+    /// bits; a sync target that has just received the last block still does until its
+    /// closing flush clears them.
+    fn resync_stray_bits(&mut self) {
+        if self.conn == Conn::Established
+            && self.bitmap.count() > 0
+            && self.resync_done_pending_gen.is_none()
+            && !self.meta_busy()
+        {
+            tracing::warn!(
+                resource = %self.p.resource,
+                bytes = self.bitmap.out_of_sync_bytes(),
+                "blocks out of sync while connected: reconnecting to resync them"
+            );
+            self.restart_handshake("out-of-sync blocks to resync");
+        }
     }
 
     // ----- connection ----------------------------------------------------------------
@@ -2724,7 +2765,11 @@ impl Resource {
                     let covers = self.writes_completed;
                     if let Some(f) = self.flushes.get_mut(&req) {
                         f.epoch = epoch;
-                        f.peer_needed = replicate && self.p.protocol != Protocol::A;
+                        // The flush before a demotion waits for the peer in every
+                        // protocol: it drains the transfer log, so the peer holds every
+                        // write durably before this node stops being primary.
+                        f.peer_needed = replicate
+                            && (self.p.protocol != Protocol::A || req == ROLE_CHANGE_FLUSH);
                         f.covers_writes = covers;
                     }
                     self.check_flushes();
