@@ -74,6 +74,8 @@ fn main() {
                         term: 0,
                         peer: String::new(),
                         uptodate: true,
+                        force: false,
+                        primary: false,
                         seq: 0,
                     })
                     .await
@@ -99,6 +101,8 @@ fn main() {
                                 term,
                                 peer: String::new(),
                                 uptodate: true,
+                                force: false,
+                                primary: false,
                                 seq: 0,
                             })
                             .await;

@@ -109,6 +109,18 @@ struct RawNode {
     device: Option<String>,
 }
 
+/// The longest node name: what the superblock keeps (63 bytes and a terminator).
+pub const MAX_NODE_NAME_BYTES: usize = 63;
+/// No timeout or delay in the config may exceed an hour.
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
+
+fn valid_node_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= MAX_NODE_NAME_BYTES
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub file: String,
@@ -268,16 +280,36 @@ impl Config {
                 ));
             }
             let al_extents = r.al_extents.unwrap_or(256);
-            if al_extents == 0 || al_extents as usize > crate::core::al::MAX_EXTENTS {
+            let al_range = crate::core::al::MIN_EXTENTS..=crate::core::al::MAX_EXTENTS;
+            if !al_range.contains(&(al_extents as usize)) {
                 return Err(key_err(
                     k("al-extents"),
-                    format!("must be 1..={}", crate::core::al::MAX_EXTENTS),
+                    format!(
+                        "must be {}..={} (a write may span two 4 MiB extents)",
+                        al_range.start(),
+                        al_range.end()
+                    ),
                 ));
             }
             let ping_interval_ms = r.ping_interval_ms.unwrap_or(500);
             let ping_timeout_ms = r.ping_timeout_ms.unwrap_or(2000);
             let lease_ms = r.lease_ms.unwrap_or(2000);
             let promote_margin_ms = r.promote_margin_ms.unwrap_or(500);
+            // Bounded, so that no arithmetic on them can overflow.
+            for (key, v) in [
+                ("ping-interval-ms", ping_interval_ms),
+                ("ping-timeout-ms", ping_timeout_ms),
+                ("lease-ms", lease_ms),
+                ("promote-margin-ms", promote_margin_ms),
+                ("fail-back-delay-ms", r.fail_back_delay_ms.unwrap_or(0)),
+            ] {
+                if v > MAX_TIMEOUT_MS {
+                    return Err(key_err(
+                        k(key),
+                        format!("{v} is more than {MAX_TIMEOUT_MS} (one hour)"),
+                    ));
+                }
+            }
             quorum::check_timeouts(
                 ping_interval_ms,
                 ping_timeout_ms,
@@ -297,8 +329,14 @@ impl Config {
             let mut nodes = Vec::new();
             for (i, n) in r.node.into_iter().enumerate() {
                 let nk = |s: &str| format!("resource.{name}.node[{i}].{s}");
-                if n.name.is_empty() {
-                    return Err(key_err(nk("name"), "must not be empty".into()));
+                if !valid_node_name(&n.name) {
+                    return Err(key_err(
+                        nk("name"),
+                        format!(
+                            "{:?}: node names are 1-{MAX_NODE_NAME_BYTES} characters of [A-Za-z0-9._-] (a host name)",
+                            n.name
+                        ),
+                    ));
                 }
                 let address = n.address.parse::<SocketAddr>().map_err(|_| {
                     key_err(
@@ -324,6 +362,15 @@ impl Config {
                 return Err(key_err(
                     k("node"),
                     format!("both nodes are named {:?}", nodes[0].name),
+                ));
+            }
+            if nodes[0].address == nodes[1].address {
+                return Err(key_err(
+                    k("node"),
+                    format!(
+                        "both nodes have the address {}: each node needs its own",
+                        nodes[0].address
+                    ),
                 ));
             }
             let b = nodes

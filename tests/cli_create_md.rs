@@ -106,3 +106,80 @@ fn bad_config_and_bad_arguments() {
     let (code, _, _) = ctl(&cfg, &["no-such-command"]);
     assert_eq!(code, 2, "usage errors exit 2");
 }
+
+/// A superblock that passes its CRC but whose offsets lie: refused with one clear line
+/// by `show-md` and `create-md`, never an abort or a huge allocation.
+#[test]
+fn crafted_superblock_with_huge_offsets_is_refused() {
+    use tandem::core::meta::{Layout, Superblock};
+    let dir = TempDir::new("crafted");
+    let (cfg, disk) = setup(&dir.0);
+    let size = 32u64 << 20;
+    let sb_at = size - 4096;
+    let good = Layout::compute(size, 4096, 16).expect("layout");
+    let crafted = [
+        Layout {
+            bitmap_offset: u64::MAX - 10,
+            ..good
+        },
+        Layout {
+            al_offset: u64::MAX - 4096,
+            ..good
+        },
+        Layout {
+            al_slots: u64::MAX / 2,
+            ..good
+        },
+        Layout {
+            data_bytes: 2 << 50,
+            ..good
+        },
+    ];
+    for layout in crafted {
+        let sb = Superblock::fresh(layout, "pg", "alpha", 4 << 20, 256, None);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .expect("disk");
+        std::os::unix::fs::FileExt::write_all_at(&f, &sb.encode(), sb_at).expect("write");
+        for args in [&["show-md", "pg"][..], &["create-md", "pg"][..]] {
+            let (code, _, err) = ctl(&cfg, args);
+            assert_eq!(code, 1, "{args:?} on {layout:?}: {err}");
+            assert!(err.contains("do not fit"), "{args:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+    }
+    // --force rewrites it (a deliberate choice), without reading the lying offsets.
+    let (code, _, err) = ctl(&cfg, &["create-md", "pg", "--force"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Metadata lives at the end: a disk that grew or shrank is reported as resized (or as
+/// possibly shrunk), never only as "no metadata, run create-md".
+#[test]
+fn a_resized_disk_is_reported_as_resized() {
+    let dir = TempDir::new("resized");
+    let (cfg, disk) = setup(&dir.0);
+    let (code, _, err) = ctl(&cfg, &["create-md", "pg"]);
+    assert_eq!(code, 0, "{err}");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .expect("disk");
+    f.set_len(48 << 20).expect("grow");
+    for args in [&["show-md", "pg"][..], &["create-md", "pg"][..]] {
+        let (code, _, err) = ctl(&cfg, args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(
+            err.contains("resized") && err.contains("33554432") && err.contains("50331648"),
+            "{args:?}: {err}"
+        );
+    }
+    f.set_len(32 << 20).expect("back");
+    let (code, _, err) = ctl(&cfg, &["show-md", "pg"]);
+    assert_eq!(code, 0, "the old size brings the metadata back: {err}");
+    f.set_len(16 << 20).expect("shrink");
+    let (code, _, err) = ctl(&cfg, &["show-md", "pg"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("shrunk"), "{err}");
+}

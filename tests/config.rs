@@ -169,6 +169,33 @@ fn mistakes_name_key_and_file() {
             GOOD.replace("on-no-quorum", "fail-back = true\non-no-quorum"),
             "resource.pg.fail-back: needs a preferred-node",
         ),
+        (
+            GOOD.replace("10.0.0.2:7789", "10.0.0.1:7789"),
+            "both nodes have the address 10.0.0.1:7789",
+        ),
+        (
+            GOOD.replace("name = \"beta\"", &format!("name = \"{}\"", "b".repeat(64))),
+            "resource.pg.node[1].name",
+        ),
+        (
+            GOOD.replace("name = \"beta\"", "name = \"beta gamma\""),
+            "node names are 1-63 characters",
+        ),
+        (
+            GOOD.replace("on-no-quorum", "al-extents = 1\non-no-quorum"),
+            "resource.pg.al-extents: must be 7..=1019",
+        ),
+        (
+            GOOD.replace(
+                "on-no-quorum",
+                "ping-timeout-ms = 9223372036854775807\non-no-quorum",
+            ),
+            "resource.pg.ping-timeout-ms: 9223372036854775807 is more than 3600000",
+        ),
+        (
+            GOOD.replace("on-no-quorum", "lease-ms = 9000000000\non-no-quorum"),
+            "resource.pg.lease-ms",
+        ),
         ("[global]\n".to_string(), "no resource defined"),
         ("this is not toml".to_string(), "t.toml"),
     ];

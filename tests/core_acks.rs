@@ -2,156 +2,14 @@
 //! refusals, the `fence-peer` step before a `fencing = "stonith"` promotion, and the
 //! handover after services failed to start, and the flush a demotion runs first.
 
-use tandem::core::meta::{self, Layout, Metadata, Superblock};
-use tandem::core::quorum::{Fencing, OnNoQuorum};
-use tandem::core::resource::{
-    Action, AdminCmd, AdminReply, BufId, IoId, Params, ReqId, Resource, Role,
-};
-use tandem::core::wire::{Hello, Msg, HELLO_PRIMARY, PROTOCOL_VERSION};
+use tandem::core::quorum::Fencing;
+use tandem::core::resource::{Action, AdminCmd, AdminReply, IoId, ReqId, Role};
+use tandem::core::wire::{Msg, HELLO_PRIMARY};
 use tandem::core::{Instant, Protocol};
 
-const DEV: u64 = 64 << 20;
+mod core_support;
 
-struct One {
-    r: Resource,
-    out: Vec<Action>,
-}
-
-impl One {
-    fn new(protocol: Protocol) -> One {
-        One::with(protocol, |_| {})
-    }
-    fn with(protocol: Protocol, tweak: impl FnOnce(&mut Params)) -> One {
-        let layout = Layout::compute(DEV, 4096, 8).expect("layout");
-        let uuid = meta::assume_clean_uuid("r0", layout.data_bytes);
-        let sb = Superblock::fresh(layout, "r0", "alpha", 4 << 20, 16, Some(uuid));
-        let md = Metadata {
-            sb,
-            bitmap_bytes: vec![0; layout.bitmap_bytes as usize],
-            al_ring: vec![0; 8 * 4096],
-        };
-        let p = Params {
-            resource: "r0".into(),
-            local_node: "alpha".into(),
-            peer_node: "beta".into(),
-            protocol,
-            ping_interval_ms: 1000,
-            ping_timeout_ms: 5000,
-            resync_window_bytes: 1 << 20,
-            resync_chunk_bytes: 128 << 10,
-            seed: 1,
-            witness: false,
-            lease_ms: 2000,
-            promote_margin_ms: 500,
-            on_no_quorum: OnNoQuorum::SuspendIo,
-            fencing: Fencing::None,
-            auto_promote: false,
-            witness_seq_base: 0,
-            fence_peer_timeout_ms: 1000,
-            fail_back_to_peer: false,
-            fail_back_delay_ms: 10_000,
-        };
-        let mut p = p;
-        tweak(&mut p);
-        let mut o = One {
-            r: Resource::new(p, md, Instant(0)),
-            out: Vec::new(),
-        };
-        o.drain();
-        o
-    }
-    fn drain(&mut self) -> Vec<Action> {
-        let mut v = Vec::new();
-        while let Some(a) = self.r.poll_action() {
-            v.push(a);
-        }
-        self.out.extend(v.clone());
-        v
-    }
-    /// Complete every metadata write the core asked for.
-    fn finish_meta(&mut self) {
-        loop {
-            let metas: Vec<IoId> = self
-                .drain()
-                .into_iter()
-                .filter_map(|a| match a {
-                    Action::MetaWrite { io, .. } => Some(io),
-                    _ => None,
-                })
-                .collect();
-            if metas.is_empty() {
-                return;
-            }
-            for io in metas {
-                self.r.handle_disk_done(Instant(1), io, true);
-            }
-        }
-    }
-    fn connect_established(&mut self) {
-        self.r.handle_peer_connected(Instant(1));
-        let gen = self.r.generation();
-        self.r
-            .handle_peer_message(Instant(1), 0, peer_hello(self.r.data_bytes(), gen, 0), None);
-        assert_eq!(self.r.status().replication, "established");
-        self.drain();
-    }
-}
-
-/// The peer's hello: same resource, the given size, generation and flags.
-fn peer_hello(data_bytes: u64, gen: tandem::core::uuid::Generation, flags: u32) -> Msg {
-    Msg::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        resource: "r0".into(),
-        node: "beta".into(),
-        data_bytes,
-        block_bytes: 4096,
-        gen,
-        flags,
-        gen_term: 0,
-    })
-}
-
-fn completed(actions: &[Action], req: u64) -> bool {
-    actions
-        .iter()
-        .any(|a| matches!(a, Action::CompleteWrite { req: r, result: Ok(()) } if r.0 == req))
-}
-
-/// Returns (io of the local write, seq of the data message) for a 4 KiB write.
-fn write(o: &mut One, req: u64) -> (IoId, u64) {
-    o.r.handle_app_write(Instant(2), ReqId(req), 0, 4096);
-    o.finish_meta(); // AL transaction for a new extent
-    let acts = o.out.clone();
-    let io = acts
-        .iter()
-        .find_map(|a| match a {
-            Action::DiskWrite { io, buf, .. } if *buf == BufId(req) => Some(*io),
-            _ => None,
-        })
-        .expect("local write submitted");
-    let seq = acts
-        .iter()
-        .find_map(|a| match a {
-            Action::Send {
-                msg: Msg::Data { seq, .. },
-                buf: Some(b),
-                ..
-            } if *b == BufId(req) => Some(*seq),
-            _ => None,
-        })
-        .expect("write sent to the peer");
-    (io, seq)
-}
-
-fn primary(protocol: Protocol) -> One {
-    let mut o = One::new(protocol);
-    o.finish_meta();
-    o.connect_established();
-    o.r.handle_admin(Instant(1), AdminCmd::Promote { force: false })
-        .expect("promote");
-    o.finish_meta();
-    o
-}
+use core_support::{completed, peer_hello, primary, write, One};
 
 #[test]
 fn protocol_a_completes_after_local_disk_only() {
@@ -271,14 +129,8 @@ fn secondary_refuses_writes_and_promote_refused_while_peer_primary() {
 fn size_mismatch_is_refused_with_a_clear_error() {
     let mut o = One::new(Protocol::C);
     o.finish_meta();
-    o.r.handle_peer_connected(Instant(1));
-    let gen = o.r.generation();
-    o.r.handle_peer_message(
-        Instant(1),
-        0,
-        peer_hello(o.r.data_bytes() + 4096, gen, 0),
-        None,
-    );
+    let size = o.r.data_bytes() + 4096;
+    o.hello_from_peer(size, 0);
     let acts = o.drain();
     assert!(acts.iter().any(
         |a| matches!(a, Action::Disconnect { reason } if reason.contains("sizes must match"))

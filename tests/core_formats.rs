@@ -35,16 +35,16 @@ fn bitmap_set_clear_runs_and_pages() {
 fn activity_log_evicts_idle_extents_only() {
     let mut al = ActivityLog::new(2, 4 << 20, 4);
     let e0 = al.extents_of(0, 4096);
-    let (ev, t1, _) = al.plan(&al.missing(e0.clone())).expect("room");
+    let (ev, t1, _) = al.plan(e0.clone()).expect("room");
     assert!(ev.is_empty());
     al.acquire(e0.clone());
     let e1 = al.extents_of(4 << 20, 4096);
-    al.plan(&al.missing(e1.clone())).expect("room");
+    al.plan(e1.clone()).expect("room");
     al.acquire(e1.clone());
     let e2 = al.extents_of(8 << 20, 4096);
-    assert!(al.plan(&al.missing(e2.clone())).is_err(), "both slots busy");
+    assert!(al.plan(e2.clone()).is_err(), "both slots busy");
     al.release(e0);
-    let (ev, t3, slot) = al.plan(&al.missing(e2)).expect("extent 0 is idle now");
+    let (ev, t3, slot) = al.plan(e2).expect("extent 0 is idle now");
     assert_eq!(ev, vec![0]);
     assert_eq!(t3.extents, vec![1, 2]);
     assert!(t3.number > t1.number);
@@ -193,6 +193,8 @@ fn all_messages() -> Vec<Msg> {
             term: 9,
             peer: "beta".into(),
             uptodate: true,
+            force: true,
+            primary: true,
             seq: 0,
         }),
         Msg::WitnessReply(tandem::core::witness::Reply {

@@ -3,7 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tandem::core::witness::{
-    decode_state, encode_state, lease_deadline, Op, Request, ResourceState, StateError, Witness,
+    decode_state, encode_state, lease_deadline, Op, Reply, Request, ResourceState, StateError,
+    Witness,
 };
 use tandem::core::Instant;
 
@@ -16,8 +17,36 @@ fn req(op: Op, term: u64, peer: &str, uptodate: bool) -> Request {
         term,
         peer: peer.into(),
         uptodate,
+        force: false,
+        primary: false,
         seq: 0,
     }
+}
+
+/// `promote --force`: the node's disk state is not vouched for.
+fn forced(term: u64) -> Request {
+    Request {
+        force: true,
+        ..req(Op::Promote, term, "", false)
+    }
+}
+
+/// `adopt-witness` from a node at `term`; `primary`: it is primary; `peer`: named when
+/// it is up to date.
+fn adopt(term: u64, primary: bool, peer: &str) -> Request {
+    Request {
+        primary,
+        ..req(Op::Adopt, term, peer, true)
+    }
+}
+
+/// Handle a request and, as the shell does once the change is on disk, commit it.
+fn apply(w: &mut Witness, now: Instant, node: &str, r: &Request) -> Reply {
+    let o = w.handle(now, node, r);
+    if let Some(staged) = o.persist {
+        w.commit(staged);
+    }
+    o.reply
 }
 
 fn state(term: u64, primary: Option<&str>, utd: &[&str]) -> BTreeMap<String, ResourceState> {
@@ -40,8 +69,8 @@ fn witness(term: u64, primary: Option<&str>, utd: &[&str], leased: bool) -> (Wit
     let now = Instant(LEASE + 1);
     if leased {
         let p = primary.expect("a lease needs a primary");
-        let o = w.handle(now, p, &req(Op::Renew, term, "", true));
-        assert!(o.reply.granted, "setup renew: {:?}", o.reply);
+        let r = apply(&mut w, now, p, &req(Op::Renew, term, "", true));
+        assert!(r.granted, "setup renew: {r:?}");
     }
     (w, now)
 }
@@ -256,6 +285,102 @@ fn rule_table() {
             true,
         ),
         (
+            "a forced promotion skips the disk check",
+            0,
+            None,
+            &[],
+            false,
+            "alpha",
+            forced(0),
+            true,
+            1,
+            true,
+        ),
+        (
+            "a forced promotion skips the up-to-date set",
+            2,
+            None,
+            &["beta"],
+            false,
+            "alpha",
+            forced(2),
+            true,
+            3,
+            true,
+        ),
+        (
+            "a forced promotion still waits for the other node's lease",
+            2,
+            Some("beta"),
+            &["beta"],
+            true,
+            "alpha",
+            forced(2),
+            false,
+            2,
+            false,
+        ),
+        (
+            "a forced promotion still needs the current term",
+            2,
+            None,
+            &["beta"],
+            false,
+            "alpha",
+            forced(5),
+            false,
+            2,
+            false,
+        ),
+        (
+            "a new witness adopts the pair's term",
+            0,
+            None,
+            &[],
+            false,
+            "alpha",
+            adopt(7, true, "beta"),
+            true,
+            7,
+            true,
+        ),
+        (
+            "adopt never lowers a term the witness holds",
+            9,
+            Some("beta"),
+            &["beta"],
+            false,
+            "alpha",
+            adopt(7, true, ""),
+            false,
+            9,
+            false,
+        ),
+        (
+            "adopt from a node that never had a term",
+            0,
+            None,
+            &[],
+            false,
+            "alpha",
+            adopt(0, false, ""),
+            false,
+            0,
+            false,
+        ),
+        (
+            "the last term is never granted past",
+            u64::MAX,
+            None,
+            &["alpha"],
+            false,
+            "alpha",
+            req(Op::Promote, u64::MAX, "", true),
+            false,
+            u64::MAX,
+            false,
+        ),
+        (
             "query always answers",
             3,
             Some("alpha"),
@@ -273,7 +398,13 @@ fn rule_table() {
         let o = w.handle(now, node, r);
         assert_eq!(o.reply.granted, *granted, "{what}: {:?}", o.reply);
         assert_eq!(o.reply.term, *term_after, "{what}: term");
-        assert_eq!(o.persist, *persisted, "{what}: persist");
+        assert_eq!(o.persist.is_some(), *persisted, "{what}: persist");
+        // Nothing stored changes before the commit.
+        assert_eq!(
+            w.state(),
+            &state(*term, *primary, utd),
+            "{what}: changed early"
+        );
         if !*granted {
             assert!(!o.reply.reason.is_empty(), "{what}: a refusal says why");
         }
@@ -283,39 +414,23 @@ fn rule_table() {
 #[test]
 fn promotion_after_release_needs_no_lease_wait() {
     let (mut w, now) = witness(1, Some("alpha"), &["alpha", "beta"], true);
-    assert!(
-        w.handle(now, "alpha", &req(Op::Release, 1, "", true))
-            .reply
-            .granted
-    );
-    let o = w.handle(now, "beta", &req(Op::Promote, 1, "", true));
-    assert!(o.reply.granted);
-    assert_eq!((o.reply.term, o.reply.primary.as_str()), (2, "beta"));
+    assert!(apply(&mut w, now, "alpha", &req(Op::Release, 1, "", true)).granted);
+    let r = apply(&mut w, now, "beta", &req(Op::Promote, 1, "", true));
+    assert!(r.granted);
+    assert_eq!((r.term, r.primary.as_str()), (2, "beta"));
 }
 
 #[test]
 fn lease_expires_lease_ms_after_the_witness_received_the_renewal() {
     let (mut w, now) = witness(1, Some("alpha"), &["alpha", "beta"], true);
     let just_before = now.plus_ms(LEASE - 1);
-    assert!(
-        !w.handle(just_before, "beta", &req(Op::Promote, 1, "", true))
-            .reply
-            .granted
-    );
+    assert!(!apply(&mut w, just_before, "beta", &req(Op::Promote, 1, "", true)).granted);
     let at = now.plus_ms(LEASE);
-    assert!(
-        w.handle(at, "beta", &req(Op::Promote, 1, "", true))
-            .reply
-            .granted
-    );
+    assert!(apply(&mut w, at, "beta", &req(Op::Promote, 1, "", true)).granted);
     // The old primary's term is over: it can neither renew nor fence.
-    let o = w.handle(at, "alpha", &req(Op::Renew, 1, "", true));
-    assert!(!o.reply.granted && o.reply.term == 2, "{:?}", o.reply);
-    assert!(
-        !w.handle(at, "alpha", &req(Op::Outdate, 1, "beta", true))
-            .reply
-            .granted
-    );
+    let r = apply(&mut w, at, "alpha", &req(Op::Renew, 1, "", true));
+    assert!(!r.granted && r.term == 2, "{r:?}");
+    assert!(!apply(&mut w, at, "alpha", &req(Op::Outdate, 1, "beta", true)).granted);
 }
 
 #[test]
@@ -331,12 +446,8 @@ fn a_restarted_witness_grants_nothing_for_one_lease() {
         (LEASE, Op::Renew, "alpha", true),
     ];
     for (dt, op, node, granted) in rows {
-        let o = w.handle(start.plus_ms(dt), node, &req(op, 4, "", true));
-        assert_eq!(
-            o.reply.granted, granted,
-            "{op:?} by {node} at +{dt} ms: {:?}",
-            o.reply
-        );
+        let r = apply(&mut w, start.plus_ms(dt), node, &req(op, 4, "", true));
+        assert_eq!(r.granted, granted, "{op:?} by {node} at +{dt} ms: {r:?}");
     }
 }
 
@@ -384,4 +495,55 @@ fn state_file_round_trips_and_refuses_corruption() {
     let mut v2 = b.clone();
     v2[8] = 2;
     assert_eq!(decode_state(&v2), Err(StateError::Version(2)));
+}
+
+#[test]
+fn a_change_takes_effect_only_once_committed() {
+    let (mut w, now) = witness(0, None, &[], false);
+    let o = w.handle(now, "alpha", &req(Op::Promote, 0, "", true));
+    assert!(o.reply.granted && o.reply.term == 1, "{:?}", o.reply);
+    let staged = o.persist.expect("a promotion is stored");
+    // The bytes to write hold the change; the witness does not yet.
+    let on_disk = decode_state(&staged.bytes).expect("staged bytes decode");
+    assert_eq!(on_disk["pg"].term, 1);
+    assert_eq!(w.state()["pg"].term, 0, "changed before the commit");
+    // The write failed: the answer is a refusal that names the cause, nothing changed,
+    // and no lease runs, so another node is granted the same term 1 (never 2 on top of
+    // an unstored 1).
+    let r = w.unstored("pg", "state: Read-only file system (os error 30)");
+    assert!(
+        !r.granted && r.term == 0 && r.reason.contains("Read-only"),
+        "{r:?}"
+    );
+    let o = w.handle(now, "beta", &req(Op::Promote, 0, "", true));
+    assert!(o.reply.granted && o.reply.term == 1, "{:?}", o.reply);
+    w.commit(o.persist.expect("stored"));
+    assert_eq!(w.state()["pg"].term, 1);
+    assert_eq!(w.state()["pg"].primary.as_deref(), Some("beta"));
+    // Its lease runs only from the commit: alpha is refused now.
+    let r = apply(&mut w, now, "alpha", &req(Op::Promote, 1, "", true));
+    assert!(!r.granted && r.reason.contains("lease"), "{r:?}");
+}
+
+#[test]
+fn a_forced_promotion_makes_the_node_the_only_up_to_date_copy() {
+    let (mut w, now) = witness(2, None, &["beta"], false);
+    let r = apply(&mut w, now, "alpha", &forced(2));
+    assert!(r.granted && r.term == 3, "{r:?}");
+    assert_eq!(r.up_to_date, vec!["alpha".to_string()]);
+    // beta, no longer counted, is not promoted while alpha's lease runs or after.
+    let later = now.plus_ms(LEASE + 1);
+    let r = apply(&mut w, later, "beta", &req(Op::Promote, 3, "", true));
+    assert!(!r.granted && r.reason.contains("up-to-date set"), "{r:?}");
+}
+
+#[test]
+fn an_adopted_term_lets_the_primary_renew() {
+    let (mut w, now) = witness(0, None, &[], false);
+    let r = apply(&mut w, now, "alpha", &adopt(5, true, "beta"));
+    assert!(r.granted && r.term == 5 && r.primary == "alpha", "{r:?}");
+    assert_eq!(r.up_to_date, vec!["alpha".to_string(), "beta".to_string()]);
+    assert!(apply(&mut w, now, "alpha", &req(Op::Renew, 5, "", true)).granted);
+    // Adopting again is refused: the term is the witness's now.
+    assert!(!apply(&mut w, now, "beta", &adopt(6, false, "")).granted);
 }

@@ -7,115 +7,25 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, DirectWriter, Opts};
+use common::writer::{StampWriter, REGION_BLOCKS};
+use common::{Cluster, Opts};
 use nix::sys::signal::Signal;
 
 const LEASE_MS: u64 = 1500;
-/// Blocks each writer cycles through; alpha writes from block 0, beta after it.
-const REGION_BLOCKS: u64 = 2048;
-
-/// One write of the [`StampWriter`]: when it returned, and whether it succeeded.
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    done: Instant,
-    ok: bool,
-}
-
-/// Writes block `first + seq % REGION_BLOCKS` with stamp `seq` (counting from `seq0`), one
-/// O_DIRECT write at a time, and logs every outcome; stops at the first error.
-struct StampWriter {
-    stop: Arc<AtomicBool>,
-    log: Arc<Mutex<Vec<Entry>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StampWriter {
-    fn start(dev: &Path, first: u64, seq0: u64) -> StampWriter {
-        let mut w = DirectWriter::open(dev).expect("open device");
-        let stop = Arc::new(AtomicBool::new(false));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (s, l) = (stop.clone(), log.clone());
-        let thread = std::thread::spawn(move || {
-            let mut seq = seq0;
-            while !s.load(Ordering::Relaxed) {
-                let ok = w.write_block(first + seq % REGION_BLOCKS, seq).is_ok();
-                let done = Instant::now();
-                l.lock().expect("log").push(Entry { done, ok });
-                if !ok {
-                    return;
-                }
-                seq += 1;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        StampWriter {
-            stop,
-            log,
-            thread: Some(thread),
-        }
-    }
-
-    fn entries(&self) -> Vec<Entry> {
-        self.log.lock().expect("log").clone()
-    }
-
-    fn ok_count(&self) -> usize {
-        self.entries().iter().filter(|e| e.ok).count()
-    }
-
-    /// Wait until `n` more writes succeeded.
-    fn wait_more_ok(&self, n: usize, secs: u64, what: &str) {
-        let start = self.ok_count();
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while self.ok_count() < start + n {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: fewer than {n} writes succeeded within {secs} s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Wait until a write failed (the writer has stopped).
-    fn wait_failed(&self, secs: u64, what: &str) -> Entry {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(e) = self.entries().iter().find(|e| !e.ok) {
-                return *e;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: writes still succeed after {secs} s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn finish(mut self) -> Vec<Entry> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.entries()
-    }
-}
-
-impl Drop for StampWriter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
 
 /// A pair with a witness, `alpha` promoted through it, in sync.
 fn quorum_cluster(test: &str, protocol: &str) -> Cluster {
+    quorum_cluster_from(test, protocol, true)
+}
+
+/// As [`quorum_cluster`]; unless `assume_clean`, both disks start inconsistent and the
+/// first promotion is the operator's `promote --force`, as a new pair's is.
+fn quorum_cluster_from(test: &str, protocol: &str, assume_clean: bool) -> Cluster {
     let mut c = Cluster::new(test, Opts::default());
     c.with_witness(protocol, LEASE_MS, "");
-    c.up(0, true);
+    c.up(0, assume_clean);
     let s = c.wait_for(0, "quorum with a lease", 10, |s| {
         s["quorum"] == true && s["lease_ms_left"].as_u64().unwrap_or(0) > 0
     });
@@ -139,7 +49,17 @@ fn wait_device(c: &Cluster, i: usize) {
 
 #[test]
 fn isolated_primary_stops_within_its_lease_and_rejoins_as_sync_target() {
-    let c = quorum_cluster("isoprim", "C");
+    isolated_primary(quorum_cluster("isoprim", "C"));
+}
+
+/// `promote --force` overrides the disk check of a new pair's first promotion, nothing
+/// else: the forced primary took its term from the witness and yields like any other.
+#[test]
+fn isolated_forced_primary_stops_within_its_lease_and_rejoins_as_sync_target() {
+    isolated_primary(quorum_cluster_from("isoforce", "C", false));
+}
+
+fn isolated_primary(c: Cluster) {
     let wa = StampWriter::start(&c.nodes[0].device, 0, 1);
     wa.wait_more_ok(200, 20, "alpha before the cut");
 

@@ -380,6 +380,73 @@ fn bad_input_gets_a_clear_error_and_the_daemon_keeps_serving() {
         .output()
         .expect("setpriv");
     assert_eq!(out.status.code(), Some(1), "non-root status: {out:?}");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("root-only"), "{e}");
+
+    // Events for a resource this node does not serve: refused, and tandemctl exits.
+    let e = c.ctl_fails(0, &["events", "nope", "--json"]);
+    assert!(e.contains("no resource \"nope\""), "{e}");
+
+    // create-md under the running daemon is refused, --force or not.
+    let e = c.ctl_fails(0, &["create-md", "r0", "--force"]);
+    assert!(e.contains("in use"), "{e}");
+
+    // Memory before authentication: frames that claim 1 MiB of data are refused from
+    // their header, and at most 64 connections are in their handshake at once.
+    let rss0 = rss_kib(&c, 1);
+    let claim = tandem::core::wire::Msg::Data {
+        seq: 1,
+        epoch: 1,
+        offset: 0,
+        len: 1 << 20,
+    }
+    .encode(0, &vec![0u8; 1 << 20]);
+    let held = common::in_netns(&c.nodes[0].ns, move || {
+        use std::io::Write;
+        let mut held = Vec::new();
+        // Every other one stalls inside its header and holds its handshake slot.
+        for i in 0..500 {
+            if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+                let n = if i % 2 == 0 {
+                    tandem::core::wire::HEADER_BYTES
+                } else {
+                    10
+                };
+                let _ = s.write_all(&claim[..n]);
+                held.push(s);
+            }
+        }
+        held
+    });
+    c.wait_log(1, "too many connections in their handshake", 10);
+    let rss1 = rss_kib(&c, 1);
+    assert!(
+        rss1 < rss0 + 32 * 1024,
+        "500 unauthenticated connections took tandemd from {rss0} to {rss1} KiB"
+    );
+    drop(held);
+
+    // A huge line on the control socket is refused after 64 KiB, not buffered.
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let s = std::os::unix::net::UnixStream::connect(&c.nodes[0].socket).expect("ctl");
+        let mut w = s.try_clone().expect("clone");
+        let writer = std::thread::spawn(move || {
+            let junk = vec![b'x'; 1 << 20];
+            let mut sent = 0usize;
+            while sent < 300 << 20 && w.write_all(&junk).is_ok() {
+                sent += junk.len();
+            }
+            sent
+        });
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("reply");
+        assert!(line.contains("longer than 65536 bytes"), "{line}");
+        let sent = writer.join().expect("writer");
+        assert!(sent < 300 << 20, "the daemon read all {sent} bytes");
+    }
+    let rss2 = rss_kib(&c, 0);
+    assert!(rss2 < 200 * 1024, "tandemd at {rss2} KiB after a huge line");
 
     // After all that, still replicating.
     {
@@ -619,4 +686,16 @@ fn watchdog_stops_being_petted_while_one_resource_thread_hangs() {
         Some(&b'V'),
         "no magic close on a clean stop"
     );
+}
+
+/// Resident memory of node `i`'s daemon.
+fn rss_kib(c: &Cluster, i: usize) -> u64 {
+    let pid = c.nodes[i].child.as_ref().expect("running").id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS")
 }

@@ -43,6 +43,8 @@ fn ask_with(
                 term,
                 peer,
                 uptodate: true,
+                force: false,
+                primary: false,
                 seq: 0,
             })
             .await
@@ -106,6 +108,53 @@ fn witness_terms_leases_and_persistence() {
     );
     assert!(r.is_err(), "wrong secret accepted: {r:?}");
 
+    // Unauthenticated connections claiming 1 MiB frames cost the witness no such
+    // buffers, and at most 64 are in their handshake at once.
+    let pid = c.witness_child.as_ref().expect("witness").id();
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("VmRSS")
+    };
+    let rss0 = rss();
+    let addr: std::net::SocketAddr = c.witness_addr.parse().expect("addr");
+    let header = tandem::core::wire::Msg::Data {
+        seq: 1,
+        epoch: 1,
+        offset: 0,
+        len: 1 << 20,
+    }
+    .encode(0, &vec![0u8; 1 << 20])[..tandem::core::wire::HEADER_BYTES]
+        .to_vec();
+    let held = common::in_netns(&c.nodes[0].ns.clone(), move || {
+        use std::io::Write;
+        // Every other one stalls inside its header and holds its handshake slot.
+        (0..500)
+            .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+            .enumerate()
+            .map(|(i, mut s)| {
+                let n = if i % 2 == 0 { header.len() } else { 10 };
+                let _ = s.write_all(&header[..n]);
+                s
+            })
+            .collect::<Vec<_>>()
+    });
+    common::wait_until(10, "the handshake limit logged", || {
+        std::fs::read_to_string(c.dir.join("witness/witness.log"))
+            .unwrap_or_default()
+            .contains("too many connections in their handshake")
+    });
+    assert!(
+        rss() < rss0 + 32 * 1024,
+        "witness from {rss0} to {} KiB",
+        rss()
+    );
+    drop(held);
+
     // A corrupt state file stops the witness with a clear error, never a silent reset.
     c.stop_witness();
     let f = c.witness_state_file();
@@ -123,4 +172,58 @@ fn witness_terms_leases_and_persistence() {
         b,
         "the corrupt file was rewritten"
     );
+}
+
+/// A witness whose state cannot be written grants nothing: it refuses to start when the
+/// state directory is not writable, and refuses a change it could not store, leaving its
+/// state as it was, so no term is ever granted twice.
+#[test]
+fn a_witness_grants_nothing_it_cannot_store() {
+    let mut c = Cluster::new("witness-ro", Opts::default());
+    c.add_witness(LEASE_MS);
+    let state_dir = c.witness_state_file().parent().expect("dir").to_path_buf();
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    common::sh(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1M,ro", "tmpfs"])
+            .arg(&state_dir),
+    );
+    c.track_mount(state_dir.clone());
+    let e = c.witness_start_fails();
+    assert!(
+        e.contains("cannot write the state file") && e.contains("Read-only"),
+        "{e}"
+    );
+
+    let remount = |opt: &str| {
+        common::sh(
+            std::process::Command::new("mount")
+                .args(["-o", &format!("remount,{opt}")])
+                .arg(&state_dir),
+        );
+    };
+    remount("rw");
+    c.start_witness();
+    std::thread::sleep(Duration::from_millis(LEASE_MS + 100));
+    remount("ro");
+    // Alpha asks twice (a retry after no answer): refused both times, naming the cause,
+    // and the term stays 0.
+    for _ in 0..2 {
+        let r = ask(&c, 0, Op::Promote, 0, "");
+        assert!(
+            !r.granted && r.term == 0 && r.reason.contains("Read-only"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(ask(&c, 1, Op::Query, 0, "").term, 0);
+
+    // Restarted on a writable directory: the first grant is term 1, to whoever asks.
+    c.stop_witness();
+    remount("rw");
+    c.start_witness();
+    std::thread::sleep(Duration::from_millis(LEASE_MS + 100));
+    let r = ask(&c, 1, Op::Promote, 0, "");
+    assert!(r.granted && r.term == 1 && r.primary == "beta", "{r:?}");
+    let r = ask(&c, 0, Op::Promote, 1, "");
+    assert!(!r.granted && r.term == 1, "{r:?}");
 }

@@ -6,6 +6,7 @@
 //! Exit codes: 0 after SIGTERM/SIGINT, 1 when it cannot start (bad config, unreadable or
 //! corrupt state, port in use), 2 usage.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,6 +33,9 @@ struct Shared {
     core: Witness,
     start: std::time::Instant,
     state_file: PathBuf,
+    /// The last refusal logged per (resource, node), its numbers left out: a refusal is
+    /// logged when it changes, not every time a node asks again.
+    refusals: HashMap<(String, String), String>,
 }
 
 impl Shared {
@@ -107,6 +111,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Err(e) => return Err(anyhow!("{}: {e}", state_file.display())),
     };
+    // A witness that cannot store a grant must not run: find out now, not at the first
+    // promotion. Rewriting the state it just read changes nothing.
+    persist(&state_file, &witness::encode_state(&state)).map_err(|e| {
+        anyhow!(
+            "cannot write the state file {}: {e}; refusing to start (the state directory must be writable)",
+            state_file.display()
+        )
+    })?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
@@ -114,20 +126,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         core: Witness::new(cfg.lease_ms, Instant(0), state),
         start: std::time::Instant::now(),
         state_file,
+        refusals: HashMap::new(),
     }));
     tracing::info!(listen = %cfg.listen, lease_ms = cfg.lease_ms, "tandem-witness ready; granting nothing for one lease period");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     process::sd_notify("READY=1");
+    let admission = net::Admission::new(net::MAX_HANDSHAKES);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             r = listener.accept() => match r {
                 Ok((s, from)) => {
+                    let Some(slot) = admission.admit(from) else {
+                        continue;
+                    };
                     let (secret, shared) = (secret.clone(), shared.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = serve(s, &secret, shared).await {
+                        if let Err(e) = serve(s, &secret, shared, slot).await {
                             tracing::warn!(%from, error = %e, "witness client dropped");
                         }
                     });
@@ -144,8 +161,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(s: TcpStream, secret: &[u8], shared: Arc<Mutex<Shared>>) -> anyhow::Result<()> {
-    let (mut s, a) = net::accept(s, secret).await?;
+async fn serve(
+    s: TcpStream,
+    secret: &[u8],
+    shared: Arc<Mutex<Shared>>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> anyhow::Result<()> {
+    let accepted = net::accept(s, secret).await;
+    // Authenticated (or not): the handshake slot is free for the next one.
+    drop(slot);
+    let (mut s, a) = accepted?;
     if a.channel != net::WITNESS_CHANNEL {
         return Err(anyhow!(
             "node {:?} attached channel {} here; this is a witness",
@@ -155,7 +180,7 @@ async fn serve(s: TcpStream, secret: &[u8], shared: Arc<Mutex<Shared>>) -> anyho
     }
     let node = a.node;
     loop {
-        let msg = match net::read_frame(&mut s).await {
+        let msg = match net::read_small_frame(&mut s).await {
             Ok(f) => f.msg,
             Err(net::NetError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Ok(())
@@ -169,18 +194,41 @@ async fn serve(s: TcpStream, secret: &[u8], shared: Arc<Mutex<Shared>>) -> anyho
             let mut g = shared.lock().map_err(|_| anyhow!("state lock poisoned"))?;
             let now = g.now();
             let out = g.core.handle(now, &node, &req);
-            if out.persist {
-                let bytes = g.core.encode_state();
-                // The reply depends on this state: no reply unless it is on disk.
-                persist(&g.state_file, &bytes)
-                    .with_context(|| format!("persist {}", g.state_file.display()))?;
+            let reply = match out.persist {
+                None => out.reply,
+                // The reply depends on this change: it is made, and answered, only once
+                // it is on disk; a failed write leaves the state as it was.
+                Some(staged) => match persist(&g.state_file, &staged.bytes) {
+                    Ok(()) => {
+                        g.core.commit(staged);
+                        out.reply
+                    }
+                    Err(e) => {
+                        let why = format!("{}: {e}", g.state_file.display());
+                        tracing::error!(resource = %req.resource, %node, op = ?req.op, error = %why, "cannot store the state; refused");
+                        g.core.unstored(&req.resource, &why)
+                    }
+                },
+            };
+            let key = (req.resource.clone(), node.clone());
+            if reply.granted {
+                g.refusals.remove(&key);
+                if req.op != witness::Op::Renew && req.op != witness::Op::Query {
+                    tracing::info!(resource = %req.resource, %node, op = ?req.op, term = reply.term, primary = %reply.primary, "granted");
+                }
+            } else {
+                let kind: String = format!("{:?} {}", req.op, reply.reason)
+                    .chars()
+                    .filter(|c| !c.is_ascii_digit())
+                    .collect();
+                if g.refusals.get(&key) != Some(&kind) {
+                    tracing::info!(resource = %req.resource, %node, op = ?req.op, reason = %reply.reason, "refused (logged again when the reason changes)");
+                    g.refusals.insert(key, kind);
+                } else {
+                    tracing::debug!(resource = %req.resource, %node, op = ?req.op, reason = %reply.reason, "refused");
+                }
             }
-            if out.reply.granted && req.op != witness::Op::Renew && req.op != witness::Op::Query {
-                tracing::info!(resource = %req.resource, %node, op = ?req.op, term = out.reply.term, primary = %out.reply.primary, "granted");
-            } else if !out.reply.granted {
-                tracing::info!(resource = %req.resource, %node, op = ?req.op, reason = %out.reply.reason, "refused");
-            }
-            out.reply
+            reply
         };
         net::write_frame(&mut s, &Msg::WitnessReply(reply), &[]).await?;
     }

@@ -58,17 +58,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Make this node primary: the device appears and becomes writable.
+    /// Make this node primary: the device appears and becomes writable. With a witness,
+    /// the witness grants a new term first.
     Promote {
         resource: String,
-        /// Promote although the local disk is not up to date: serves possibly stale data
-        /// and makes the other node's newer writes a split brain.
+        /// Promote although the local disk is not up to date (a new pair's first
+        /// promotion, or a lost peer): serves possibly stale data. With a witness it still
+        /// takes a term from it, and yields to any newer one.
         #[arg(long)]
         force: bool,
     },
     /// Make this node secondary. Refused while the device is mounted or held open.
     Demote { resource: String },
-    /// (Re)connect to the peer after `disconnect` or a split brain.
+    /// Put a new or emptied witness in service: it takes this pair's term (run on the
+    /// primary, with the peer connected).
+    AdoptWitness {
+        resource: String,
+        /// The peer is gone for good: take this node's term without checking the peer's.
+        #[arg(long)]
+        force: bool,
+    },
+    /// (Re)connect to the peer after `disconnect`, a split brain or a failed disk.
     Connect {
         resource: String,
         /// Resolve a split brain: throw away this node's changes and resync from the peer.
@@ -128,6 +138,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Switchover { resource, to } => Some(Request::Switchover {
             resource: resource.clone(),
             to: to.clone(),
+        }),
+        Cmd::AdoptWitness { resource, force } => Some(Request::AdoptWitness {
+            resource: resource.clone(),
+            force: *force,
         }),
     };
     if let Some(req) = request {
@@ -227,11 +241,20 @@ fn call_daemon(socket: &Path, req: Request, json: bool) -> anyhow::Result<()> {
             c.send(&req).await?;
             loop {
                 let line = c.next_line().await?;
+                // A refusal (say, an unknown resource) is a reply, not an event.
+                if let Ok(r) = serde_json::from_str::<tandem::shell::control::Reply>(&line) {
+                    if !r.ok {
+                        bail!("{}", r.error.unwrap_or_else(|| "failed".into()));
+                    }
+                }
                 println!("{line}");
             }
         }
         if let Request::Promote { force: true, .. } = req {
             eprintln!("tandemctl: --force: this node may serve stale data, and writes made on the peer since become a split brain");
+        }
+        if let Request::AdoptWitness { force: true, .. } = req {
+            eprintln!("tandemctl: --force: if the peer ever held a newer term, the witness now holds an older one and could promote stale data");
         }
         let reply = c.call(&req).await?;
         if !reply.ok {

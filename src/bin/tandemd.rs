@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
 use tandem::config::Config;
 use tandem::core::resource::{AdminCmd, Params, Resource};
-use tandem::shell::control::{Reply, Request};
+use tandem::shell::control::{self, Reply, Request};
 use tandem::shell::driver::{self, Event, Handle, PeerSetup, Setup};
 use tandem::shell::{md, net, process};
 
@@ -399,6 +399,7 @@ async fn resources_answer(daemon: &Daemon, within: std::time::Duration) -> bool 
 }
 
 async fn accept_loop(l: TcpListener, secret: Arc<Vec<u8>>, daemon: Arc<Daemon>) {
+    let admission = net::Admission::new(net::MAX_HANDSHAKES);
     loop {
         let (s, from) = match l.accept().await {
             Ok(x) => x,
@@ -408,10 +409,15 @@ async fn accept_loop(l: TcpListener, secret: Arc<Vec<u8>>, daemon: Arc<Daemon>) 
                 continue;
             }
         };
+        let Some(slot) = admission.admit(from) else {
+            continue;
+        };
         let secret = secret.clone();
         let daemon = daemon.clone();
         tokio::spawn(async move {
-            match net::accept(s, &secret).await {
+            let accepted = net::accept(s, &secret).await;
+            drop(slot);
+            match accepted {
                 Ok((stream, a)) => match daemon.resources.get(&a.resource) {
                     Some(h) => {
                         let _ = h.tx.send(Event::Accepted {
@@ -471,7 +477,7 @@ fn to_line(r: &Reply) -> String {
     serde_json::to_string(r).unwrap_or_else(|_| r#"{"ok":false,"error":"encode"}"#.into())
 }
 
-async fn serve_control(s: UnixStream, daemon: Arc<Daemon>) {
+async fn serve_control(mut s: UnixStream, daemon: Arc<Daemon>) {
     match s.peer_cred() {
         Ok(c) if c.uid() == 0 => {}
         Ok(c) => {
@@ -479,6 +485,11 @@ async fn serve_control(s: UnixStream, daemon: Arc<Daemon>) {
                 uid = c.uid(),
                 "control connection from a non-root user refused"
             );
+            let why = Reply::err(format!(
+                "the control socket is root-only (this client runs as uid {}); run tandemctl as root",
+                c.uid()
+            ));
+            let _ = s.write_all(format!("{}\n", to_line(&why)).as_bytes()).await;
             return;
         }
         Err(e) => {
@@ -487,8 +498,20 @@ async fn serve_control(s: UnixStream, daemon: Arc<Daemon>) {
         }
     }
     let (r, mut w) = s.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut r = BufReader::new(r);
+    loop {
+        let line = match control::read_line(&mut r).await {
+            Ok(control::Line::Text(l)) => l,
+            Ok(control::Line::TooLong) => {
+                let why = format!(
+                    "bad request: a line longer than {} bytes; closing",
+                    control::MAX_LINE_BYTES
+                );
+                let _ = write_line(&mut w, &to_line(&Reply::err(why))).await;
+                return;
+            }
+            Ok(control::Line::Eof) | Err(_) => return,
+        };
         let req: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => {
@@ -589,6 +612,7 @@ async fn serve_control(s: UnixStream, daemon: Arc<Daemon>) {
                         discard_my_data: *discard_my_data,
                     },
                     Request::Disconnect { .. } => AdminCmd::Disconnect,
+                    Request::AdoptWitness { force, .. } => AdminCmd::AdoptWitness { force: *force },
                     _ => AdminCmd::Invalidate,
                 };
                 let (tx, rx) = oneshot::channel();

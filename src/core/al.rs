@@ -13,6 +13,9 @@ const TXN_VERSION: u16 = 1;
 const TXN_HEADER: usize = 16;
 /// Largest active set one transaction block can carry.
 pub const MAX_EXTENTS: usize = (TXN_BYTES - TXN_HEADER - 4) / 4;
+/// The highest transaction number accepted from disk: far beyond what a device writes
+/// in its life, and far from wrapping.
+pub const MAX_TXN_NUMBER: u64 = 1 << 62;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlTxn {
@@ -87,7 +90,14 @@ pub struct ActivityLog {
 pub enum AlBlocked {
     /// Every slot holds an extent with writes in flight; wait for one to finish.
     AllSlotsBusy,
+    /// The request touches more extents than the log holds: it can never be served.
+    TooManyExtents { needed: usize, capacity: usize },
 }
+
+/// The fewest extents an activity log may hold: a request of up to 4 MiB touches at
+/// most 2 extents of 4 MiB, and a few more keep concurrent writers from evicting each
+/// other's (DRBD 8.4's minimum).
+pub const MIN_EXTENTS: usize = 7;
 
 impl ActivityLog {
     pub fn new(capacity: usize, extent_bytes: u64, ring_slots: u64) -> ActivityLog {
@@ -110,6 +120,9 @@ impl ActivityLog {
     pub fn extent_bytes(&self) -> u64 {
         self.extent_bytes
     }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
     pub fn active_extents(&self) -> &[u32] {
         &self.active
     }
@@ -117,10 +130,13 @@ impl ActivityLog {
         self.last_txn
     }
 
+    /// The extents a byte range touches (the range is inside the device: the caller
+    /// checked it).
     pub fn extents_of(&self, offset: u64, len: u64) -> std::ops::Range<u32> {
-        let first = offset / self.extent_bytes;
-        let last = (offset + len.max(1) - 1) / self.extent_bytes;
-        first as u32..last as u32 + 1
+        let eb = self.extent_bytes.max(1);
+        let first = offset / eb;
+        let last = offset.saturating_add(len.max(1) - 1) / eb;
+        first as u32..(last as u32).saturating_add(1)
     }
 
     /// Extents of the range that are not active yet.
@@ -128,23 +144,36 @@ impl ActivityLog {
         extents.filter(|e| !self.active.contains(e)).collect()
     }
 
-    /// Make `missing` active, evicting idle extents. Returns the evicted extents and the
-    /// transaction to commit before any write to the new extents may start.
-    pub fn plan(&mut self, missing: &[u32]) -> Result<(Vec<u32>, AlTxn, u64), AlBlocked> {
+    /// Make every extent of `needed` active, evicting idle extents but never one of
+    /// `needed` itself (which would only have to come back: a livelock of transactions).
+    /// Returns the evicted extents and the transaction to commit before any write to the
+    /// new extents may start.
+    pub fn plan(
+        &mut self,
+        needed: std::ops::Range<u32>,
+    ) -> Result<(Vec<u32>, AlTxn, u64), AlBlocked> {
+        if needed.len() > self.capacity {
+            return Err(AlBlocked::TooManyExtents {
+                needed: needed.len(),
+                capacity: self.capacity,
+            });
+        }
+        let missing = self.missing(needed.clone());
         let need = (self.active.len() + missing.len()).saturating_sub(self.capacity);
         let idle: Vec<u32> = self
             .active
             .iter()
             .copied()
-            .filter(|e| self.refs.get(e).copied().unwrap_or(0) == 0)
+            .filter(|e| self.refs.get(e).copied().unwrap_or(0) == 0 && !needed.contains(e))
             .take(need)
             .collect();
         if idle.len() < need {
             return Err(AlBlocked::AllSlotsBusy);
         }
         self.active.retain(|e| !idle.contains(e));
-        self.active.extend_from_slice(missing);
-        self.last_txn += 1;
+        self.active.extend_from_slice(&missing);
+        // Numbers from disk are checked at attach (`MAX_TXN_NUMBER`); never wrap.
+        self.last_txn = self.last_txn.saturating_add(1);
         let txn = AlTxn {
             number: self.last_txn,
             extents: self.active.clone(),
@@ -178,7 +207,7 @@ impl ActivityLog {
     /// A clean shutdown: nothing is hot any more.
     pub fn clear(&mut self) -> (AlTxn, u64) {
         self.active.retain(|e| self.refs.contains_key(e));
-        self.last_txn += 1;
+        self.last_txn = self.last_txn.saturating_add(1);
         (
             AlTxn {
                 number: self.last_txn,

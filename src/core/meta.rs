@@ -39,8 +39,10 @@ pub struct Layout {
 pub enum MetaError {
     #[error("backing device of {0} bytes is too small for the metadata")]
     TooSmall(u64),
-    #[error("no Tandem metadata (no superblock magic at byte {0}); run `tandemctl create-md`")]
+    #[error("no Tandem metadata at the end of the disk (no superblock at byte {0}). A new disk: run `tandemctl create-md`. A disk that held Tandem metadata and was shrunk: restore its size first (metadata lives at the end; create-md would drop the generation history and force a full sync)")]
     NoMagic(u64),
+    #[error("the disk is {now} bytes, but its metadata was written for {was} bytes: it was resized. Restore its size to {was} bytes; Tandem cannot resize yet (create-md --force would drop the generation history and force a full sync)")]
+    SizeChanged { was: u64, now: u64 },
     #[error(
         "superblock at byte {offset} is corrupt: CRC {found:#010x}, expected {expected:#010x}"
     )]
@@ -210,11 +212,25 @@ impl Superblock {
             )));
         }
         layout.bitmap_bytes = Bitmap::disk_bytes(layout.data_bytes, layout.block_bytes);
-        if layout.data_bytes > layout.bitmap_offset
-            || layout.bitmap_offset + layout.bitmap_bytes > layout.al_offset
-            || layout.al_offset + layout.al_slots * 4096 > layout.superblock_offset
-            || layout.superblock_offset != offset
-        {
+        // Every value here was read from disk: the areas must fit, in order, below the
+        // superblock, which is where it was read from (no sum may overflow on the way).
+        let fits = (|| {
+            let bitmap_end = layout.bitmap_offset.checked_add(layout.bitmap_bytes)?;
+            let al_bytes = layout
+                .al_slots
+                .checked_mul(crate::core::al::TXN_BYTES as u64)?;
+            let al_end = layout.al_offset.checked_add(al_bytes)?;
+            Some(
+                layout.data_bytes > 0
+                    && layout.data_bytes.is_multiple_of(layout.block_bytes)
+                    && layout.al_slots > 0
+                    && layout.data_bytes <= layout.bitmap_offset
+                    && bitmap_end <= layout.al_offset
+                    && al_end <= layout.superblock_offset
+                    && layout.superblock_offset == offset,
+            )
+        })();
+        if fits != Some(true) {
             return Err(MetaError::Invalid(
                 "area offsets do not fit together".into(),
             ));
@@ -303,7 +319,9 @@ pub fn assume_clean_uuid(resource: &str, data_bytes: u64) -> u64 {
 
 impl Metadata {
     /// Read and check all metadata through `read(offset, len)`, given the size of the
-    /// backing device.
+    /// backing device. Without a superblock at the end, the last [`RESIZE_SCAN_BYTES`]
+    /// are searched for one written when the disk was smaller: a grown disk is reported
+    /// as such, not as a disk without metadata.
     pub fn read_with(
         device_bytes: u64,
         mut read: impl FnMut(u64, usize) -> Vec<u8>,
@@ -313,14 +331,64 @@ impl Metadata {
             return Err(MetaError::TooSmall(device_bytes));
         }
         let off = dev - SUPERBLOCK_BYTES;
-        let sb = Superblock::decode(&read(off, SUPERBLOCK_BYTES as usize), off)?;
+        let sb = match Superblock::decode(&read(off, SUPERBLOCK_BYTES as usize), off) {
+            Err(MetaError::NoMagic(at)) => {
+                return Err(match find_older_superblock(off, &mut read) {
+                    Some(was) => MetaError::SizeChanged {
+                        was,
+                        now: device_bytes,
+                    },
+                    None => MetaError::NoMagic(at),
+                })
+            }
+            r => r?,
+        };
         let l = sb.layout;
         let bitmap_bytes = read(l.bitmap_offset, l.bitmap_bytes as usize);
+        // `decode` checked that the ring fits below the superblock.
         let al_ring = read(l.al_offset, (l.al_slots * 4096) as usize);
+        if let Some(t) = crate::core::al::AlTxn::newest_in_ring(&al_ring) {
+            if t.number > crate::core::al::MAX_TXN_NUMBER {
+                return Err(MetaError::Invalid(format!(
+                    "activity-log transaction number {} is out of range",
+                    t.number
+                )));
+            }
+        }
         Ok(Metadata {
             sb,
             bitmap_bytes,
             al_ring,
         })
     }
+}
+
+/// How far back from the end a superblock of a smaller (since grown) disk is looked for.
+pub const RESIZE_SCAN_BYTES: u64 = 1 << 30;
+
+/// A valid superblock below `end` (the offset where it should be), within
+/// [`RESIZE_SCAN_BYTES`]: the device size it was written for.
+fn find_older_superblock(end: u64, read: &mut impl FnMut(u64, usize) -> Vec<u8>) -> Option<u64> {
+    const CHUNK: u64 = 1 << 20;
+    let floor = end.saturating_sub(RESIZE_SCAN_BYTES);
+    let mut hi = end;
+    while hi > floor {
+        let lo = hi.saturating_sub(CHUNK).max(floor);
+        let buf = read(lo, (hi - lo) as usize);
+        for k in (0..buf.len() / ALIGN as usize).rev() {
+            let at = k * ALIGN as usize;
+            let Some(block) = buf.get(at..at + SUPERBLOCK_BYTES as usize) else {
+                continue;
+            };
+            if block[..8] != MAGIC.to_le_bytes() {
+                continue;
+            }
+            let offset = lo + at as u64;
+            if let Ok(sb) = Superblock::decode(block, offset) {
+                return Some(sb.layout.device_bytes);
+            }
+        }
+        hi = lo;
+    }
+    None
 }

@@ -14,6 +14,7 @@ pub mod resource;
 pub mod uuid;
 pub mod wire;
 pub mod witness;
+pub mod witness_link;
 
 /// A point in time, in milliseconds since an arbitrary origin chosen by the driver.
 ///

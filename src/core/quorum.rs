@@ -129,8 +129,10 @@ pub fn promote_not_before(last_rx: Instant, peer_timeout_ms: u64, margin_ms: u64
 /// given peer timeout: the two clocks may drift apart over the timeout, and the primary
 /// needs time to notice.
 pub fn min_promote_margin_ms(peer_timeout_ms: u64) -> u64 {
-    let drift = (peer_timeout_ms * 2 * MAX_CLOCK_RATE_PERMILLE).div_ceil(1000);
-    drift + 50
+    let drift = peer_timeout_ms
+        .saturating_mul(2 * MAX_CLOCK_RATE_PERMILLE)
+        .div_ceil(1000);
+    drift.saturating_add(50)
 }
 
 /// Check a resource's timeouts against the ordering rule. The error says which key to

@@ -26,13 +26,14 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::core::al::{ActivityLog, AlTxn};
+use crate::core::al::{ActivityLog, AlBlocked, AlTxn};
 use crate::core::bitmap::{Bitmap, PAGE_BYTES};
 use crate::core::meta::{self, Metadata, Superblock};
 use crate::core::quorum::{self, Fencing, OnNoQuorum, Votes};
 use crate::core::uuid::{self, Generation, SyncDecision, UuidView};
 use crate::core::wire::{self, Hello, Msg};
 use crate::core::witness::{self, Op as WitnessOp};
+use crate::core::witness_link::WitnessLink;
 use crate::core::{Instant, Protocol, SplitMix64};
 
 /// An application request; for writes also the name of the buffer holding its data.
@@ -96,6 +97,8 @@ pub enum ReqError {
     OutOfRange,
     /// The local disk failed the request.
     Io,
+    /// Larger than the activity log can cover at once (see `al-extents`).
+    TooLarge,
 }
 
 /// Operator commands.
@@ -113,6 +116,12 @@ pub enum AdminCmd {
     /// Demote, then have the peer take over once it is up to date (the services are
     /// the driver's to stop first). Answered when the peer reports itself primary.
     Switchover,
+    /// Put a new or emptied witness in service: it takes this pair's term (see
+    /// [`witness::Op::Adopt`]). Needs the peer connected, so that this node's term is
+    /// the pair's highest, unless `force` (the peer is gone for good).
+    AdoptWitness {
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,6 +144,10 @@ pub enum AdminError {
     NotPrimary,
     #[error("the peer is not connected and up to date ({0}); a switchover would lose data")]
     PeerNotReady(String),
+    #[error("no witness is configured for this resource")]
+    NoWitness,
+    #[error("the peer is not connected, so this node's term may not be the pair's highest; connect it first, or use --force if it is gone for good")]
+    AdoptNeedsPeer,
 }
 
 /// How an accepted admin command ends.
@@ -307,6 +320,10 @@ pub struct Status {
     pub last_error: Option<String>,
     pub generation: GenStatus,
     pub writes_in_flight: usize,
+    /// Application flushes not yet completed (queued behind writes or waiting).
+    pub flushes_in_flight: usize,
+    /// Requests the backing disk failed since the daemon started.
+    pub disk_errors: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -324,6 +341,9 @@ pub struct WitnessStatus {
     /// The witness's view as of its last reply.
     pub primary: String,
     pub up_to_date: Vec<String>,
+    /// What is wrong with the witness (unreachable, refusing, behind the pair's term);
+    /// absent while it works.
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -440,6 +460,8 @@ pub enum Timer {
     Switchover,
     /// The preferred peer has been in sync long enough: fail back to it.
     FailBack,
+    /// Write the metadata that failed again.
+    MetaRetry,
 }
 
 /// What application I/O on a primary may do right now.
@@ -457,24 +479,15 @@ enum Gate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PromoteWant {
     manual: bool,
+    /// `promote --force`: the witness is asked not to check this node's disk state.
+    force: bool,
     /// A manual promotion gives up (and says why) after this.
     give_up_at: Instant,
 }
 
-/// The witness as this node sees it.
-#[derive(Debug, Default)]
-struct WitnessLink {
-    in_flight: Option<(WitnessOp, Instant)>,
-    reachable: bool,
-    last_reply: Option<Instant>,
-    next_at: Instant,
-    primary: String,
-    up_to_date: Vec<String>,
-    release_pending: bool,
-    /// The witness may count the peer as up to date: what its last reply said, but also
-    /// while a request to add it has gone unanswered (it may have been carried out).
-    peer_maybe_up_to_date: bool,
-}
+/// A failed metadata write is tried again after this long.
+pub const META_RETRY_MS: u64 = 1000;
+const META_HELD: &str = "the metadata write failed; I/O that depends on it is held";
 
 /// Writes per epoch at most (DRBD's max-epoch-size).
 pub const MAX_EPOCH_WRITES: u64 = 1024;
@@ -504,7 +517,16 @@ pub struct Resource {
     ios: HashMap<IoId, IoPurpose>,
     // Metadata writes, one at a time so that they land in order.
     meta_queue: VecDeque<(u64, Vec<u8>)>,
-    meta_in_flight: Option<IoId>,
+    /// The metadata write on its way, with what it writes (written again if it fails).
+    meta_in_flight: Option<(IoId, u64, Vec<u8>)>,
+    /// A metadata write failed: it is retried then, and nothing that depends on it
+    /// moves meanwhile.
+    meta_retry_at: Option<Instant>,
+    /// The peer's disk failed a write of this connection (`NegAck`): it no longer holds
+    /// every write, so it must be fenced like a lost peer.
+    peer_disk_failed: bool,
+    /// Requests the local disk failed since the start.
+    disk_errors: u64,
     al_txn_queued: bool,
     // Primary side.
     pending: VecDeque<Pending>,
@@ -565,8 +587,6 @@ pub struct Resource {
     // Quorum.
     votes: Votes,
     wl: WitnessLink,
-    /// Promoted with `--force`: acts without quorum or fencing until demoted.
-    forced: bool,
     want_promote: Option<PromoteWant>,
     /// When the primary peer was last heard from, once it is lost.
     primary_lost_at: Option<Instant>,
@@ -590,8 +610,11 @@ impl Resource {
         let sb = md.sb;
         let mut bitmap = Bitmap::new(sb.layout.data_bytes, sb.layout.block_bytes);
         bitmap.load(&md.bitmap_bytes);
+        // Metadata written with fewer extents than any write may need (an old or
+        // crafted superblock) gets the minimum: a smaller log could not serve a write
+        // across an extent boundary.
         let mut al = ActivityLog::new(
-            sb.al_extents as usize,
+            (sb.al_extents as usize).max(crate::core::al::MIN_EXTENTS),
             sb.al_extent_bytes,
             sb.layout.al_slots,
         );
@@ -619,6 +642,9 @@ impl Resource {
             ios: HashMap::new(),
             meta_queue: VecDeque::new(),
             meta_in_flight: None,
+            meta_retry_at: None,
+            peer_disk_failed: false,
+            disk_errors: 0,
             al_txn_queued: false,
             pending: VecDeque::new(),
             writes: BTreeMap::new(),
@@ -661,12 +687,7 @@ impl Resource {
                 lease_until: None,
                 peer_counts: true,
             },
-            wl: WitnessLink {
-                next_at: now,
-                peer_maybe_up_to_date: true,
-                ..WitnessLink::default()
-            },
-            forced: false,
+            wl: WitnessLink::new(now),
             want_promote: None,
             primary_lost_at: None,
             gate_was: Gate::Open,
@@ -725,7 +746,7 @@ impl Resource {
     /// off`); for a primary its peer or its lease; for a secondary, that it can reach one
     /// of the other two.
     pub fn has_quorum(&self) -> bool {
-        if !self.p.witness || self.forced {
+        if !self.p.witness {
             return true;
         }
         match self.role {
@@ -734,15 +755,18 @@ impl Resource {
         }
     }
 
+    /// The pair runs, but without a working witness: no automatic failover, and no
+    /// fencing if the peer is lost (the witness is unreachable, or refuses what the
+    /// node needs, say because it lost its state).
     fn degraded(&self) -> bool {
-        self.p.witness && !self.wl.reachable && self.connected()
+        self.p.witness && self.connected() && self.wl.trouble.is_some()
     }
 
     fn gate(&self) -> Gate {
         if self.role != Role::Primary {
             return Gate::Fail;
         }
-        if !self.p.witness || self.forced {
+        if !self.p.witness {
             return Gate::Open;
         }
         if !self.votes.quorum(self.now) {
@@ -864,6 +888,7 @@ impl Resource {
                 last_reply_ms_ago: self.wl.last_reply.map(|t| self.now.ms_since(t)),
                 primary: self.wl.primary.clone(),
                 up_to_date: self.wl.up_to_date.clone(),
+                problem: self.wl.trouble.clone(),
             },
             protocol: self.p.protocol.as_str(),
             out_of_sync_bytes: self.bitmap.out_of_sync_bytes(),
@@ -884,6 +909,8 @@ impl Resource {
                 history: self.sb.gen.history.iter().map(|&h| hex(h)).collect(),
             },
             writes_in_flight: self.writes.len(),
+            flushes_in_flight: self.flushes.len(),
+            disk_errors: self.disk_errors,
         }
     }
 
@@ -899,11 +926,10 @@ impl Resource {
         t.iter().filter_map(|(_, d)| *d).min()
     }
 
-    fn timer_deadlines(&self) -> [(Timer, Option<Instant>); 8] {
+    fn timer_deadlines(&self) -> [(Timer, Option<Instant>); 9] {
         let connected = self.connected();
-        let witness_due =
-            (self.p.witness && self.wl.in_flight.is_none()).then_some(self.wl.next_at);
-        let quorum_lost = (self.p.witness && self.role == Role::Primary && !self.forced)
+        let witness_due = self.p.witness.then(|| self.wl.due()).flatten();
+        let quorum_lost = (self.p.witness && self.role == Role::Primary)
             .then(|| self.votes.quorum_until(self.now))
             .flatten();
         let auto_promote = match (self.auto_promote_possible(), self.primary_lost_at) {
@@ -915,6 +941,7 @@ impl Resource {
             _ => None,
         };
         [
+            (Timer::MetaRetry, self.meta_retry_at),
             (
                 Timer::FailBack,
                 self.fail_back_ready_since
@@ -970,6 +997,10 @@ impl Resource {
                     self.witness_tick(true);
                 }
                 Timer::QuorumLost => {}
+                Timer::MetaRetry => {
+                    self.meta_retry_at = None;
+                    self.issue_meta();
+                }
                 Timer::FailBack => {
                     // Once per period of readiness; re-armed if it is still ready later.
                     self.fail_back_ready_since = None;
@@ -992,6 +1023,7 @@ impl Resource {
                         );
                         self.want_promote = Some(PromoteWant {
                             manual: false,
+                            force: false,
                             give_up_at: now,
                         });
                         self.witness_tick(false);
@@ -1085,9 +1117,24 @@ impl Resource {
                     f.local_done = true;
                     f.local_failed = !ok;
                 }
+                if !ok {
+                    // Which completed writes did not reach the platter is unknown: every
+                    // recent one counts as out of sync (the activity log covers them).
+                    self.mark_active_extents_out_of_sync();
+                    self.local_disk_failed("the disk failed a flush".into(), true);
+                }
                 self.check_flushes();
             }
             IoPurpose::PeerWrite => self.peer_write_done(io, ok),
+            IoPurpose::PeerFlush(_) if !ok => {
+                // No barrier ack: the primary must not count the epoch as durable here.
+                self.peer_barrier_flushing = false;
+                self.local_disk_failed("the disk failed a flush for the peer".into(), true);
+            }
+            IoPurpose::TargetDoneFlush if !ok => {
+                self.resync_done_pending_gen = None;
+                self.local_disk_failed("the disk failed the flush ending the resync".into(), true);
+            }
             IoPurpose::PeerFlush(epoch) => {
                 self.peer_barrier_flushing = false;
                 if self.peer_barriers.front() == Some(&epoch) {
@@ -1154,13 +1201,27 @@ impl Resource {
                 self.pump_resync();
             }
             IoPurpose::Meta => {
+                let done = self.meta_in_flight.take();
                 if !ok {
-                    // The metadata is the source of truth; failing to write it is fatal
-                    // for this resource's guarantees. Keep going but say so loudly.
-                    tracing::error!(resource = %self.p.resource, "metadata write failed");
-                    self.last_error = Some("metadata write failed".into());
+                    // Nothing may act on metadata that is not on disk: the write goes back
+                    // to the head of the queue and is tried again in a second; what
+                    // waits for it (writes, acknowledgements) waits on.
+                    if let Some((_, offset, bytes)) = done {
+                        self.meta_queue.push_front((offset, bytes));
+                    }
+                    self.meta_retry_at = Some(now.plus_ms(META_RETRY_MS));
+                    if self.last_error.as_deref() != Some(META_HELD) {
+                        self.local_disk_failed(
+                            format!("{META_HELD}; retrying every second"),
+                            false,
+                        );
+                        self.last_error = Some(META_HELD.into());
+                    }
+                    return;
                 }
-                self.meta_in_flight = None;
+                if self.last_error.as_deref() == Some(META_HELD) {
+                    self.last_error = None;
+                }
                 self.issue_meta();
                 if self.meta_in_flight.is_none() {
                     self.al_txn_queued = false;
@@ -1357,6 +1418,15 @@ impl Resource {
             Msg::RecvAck { seq } => self.peer_ack(seq, PeerState::Received),
             Msg::WriteAck { seq } => self.peer_ack(seq, PeerState::Written),
             Msg::NegAck { seq } => {
+                // The peer's disk failed this write: it is no longer a full copy. Its
+                // blocks are out of sync, and the peer must be fenced (recorded as
+                // outdated at the witness) before this or any later write completes,
+                // as if it had been lost: in C the write does not count as replicated.
+                if !self.peer_disk_failed {
+                    tracing::error!(resource = %self.p.resource, peer = %self.p.peer_node, "the peer's disk failed a write: it is outdated until a resync");
+                }
+                self.peer_disk_failed = true;
+                self.peer_disk = DiskState::Outdated;
                 if let Some(req) = self.seq_to_req.remove(&seq) {
                     if let Some(w) = self.writes.get_mut(&req) {
                         self.bitmap.set_range(w.offset, w.len);
@@ -1474,18 +1544,20 @@ impl Resource {
                 if self.role == Role::Primary {
                     return Ok(AdminReply::Done);
                 }
-                if force {
-                    if self.p.fencing == Fencing::Stonith && !self.connected() {
-                        tracing::warn!(resource = %self.p.resource, "forced promotion: the fence-peer handler is not run");
-                    }
-                    return done(self.promote(true));
-                }
                 if self.want_promote.is_some_and(|w| w.manual) {
                     return Err(AdminError::PromoteInProgress);
                 }
-                self.promote_precheck()?;
-                if !self.p.witness && self.stonith_allows_promotion() {
-                    return done(self.promote(false));
+                // `--force` overrides the disk check only: with a witness the node still
+                // takes a new term from it (and fencing still runs) like any promotion.
+                match self.promote_precheck() {
+                    Err(AdminError::NotUpToDate(_)) if force => {}
+                    r => r?,
+                }
+                if !self.p.witness && (force || self.stonith_allows_promotion()) {
+                    if force && self.p.fencing == Fencing::Stonith && !self.connected() {
+                        tracing::warn!(resource = %self.p.resource, "forced promotion: the fence-peer handler is not run");
+                    }
+                    return done(self.promote(force));
                 }
                 let fence_ms = if self.p.fencing == Fencing::Stonith {
                     self.p.fence_peer_timeout_ms
@@ -1494,6 +1566,7 @@ impl Resource {
                 };
                 self.want_promote = Some(PromoteWant {
                     manual: true,
+                    force,
                     give_up_at: self
                         .now
                         .plus_ms(2 * self.p.lease_ms + self.p.ping_timeout_ms + fence_ms),
@@ -1534,6 +1607,20 @@ impl Resource {
                 self.conn = Conn::StandAlone;
                 self.actions.push_back(Action::SetConnect(false));
                 Ok(AdminReply::Done)
+            }
+            AdminCmd::AdoptWitness { force } => {
+                if !self.p.witness {
+                    return Err(AdminError::NoWitness);
+                }
+                if self.wl.adopt.is_some() {
+                    return Err(AdminError::Busy(1));
+                }
+                if !force && self.conn != Conn::Established {
+                    return Err(AdminError::AdoptNeedsPeer);
+                }
+                self.wl.adopt = Some(force);
+                self.witness_tick(false);
+                Ok(AdminReply::Pending)
             }
             AdminCmd::Invalidate => {
                 if self.role == Role::Primary {
@@ -1652,15 +1739,11 @@ impl Resource {
     fn become_secondary(&mut self) {
         self.role = Role::Secondary;
         if !self.tl.is_empty() || self.writes_completed > self.writes_flushed {
-            let extents: Vec<u32> = self.al.active_extents().to_vec();
-            let eb = self.al.extent_bytes();
-            for e in &extents {
-                self.bitmap.set_range(*e as u64 * eb, eb);
-            }
+            let extents = self.mark_active_extents_out_of_sync();
             self.writes_flushed = self.writes_completed;
             tracing::warn!(
                 resource = %self.p.resource,
-                extents = extents.len(),
+                extents,
                 "leaving the primary role with writes not flushed on both disks: activity log marked out of sync"
             );
         }
@@ -1669,6 +1752,42 @@ impl Resource {
         self.persist_superblock();
         self.actions.push_back(Action::RoleChanged(Role::Secondary));
         self.leave_primary();
+    }
+
+    /// Every extent of the activity log goes to the bitmap, as a crash would put it
+    /// there. Returns how many there were.
+    fn mark_active_extents_out_of_sync(&mut self) -> usize {
+        let extents: Vec<u32> = self.al.active_extents().to_vec();
+        let eb = self.al.extent_bytes();
+        for e in &extents {
+            self.bitmap.set_range(*e as u64 * eb, eb);
+        }
+        extents.len()
+    }
+
+    /// This node's disk failed a request. A primary goes on (the application saw the
+    /// error, the blocks concerned are marked out of sync and resynced from here). A
+    /// secondary stands alone, so that its primary fences it and goes on instead of
+    /// waiting for it, until the operator has fixed the disk and runs `connect`, which
+    /// resyncs it; if the failure lost data the peer sent (`lost_data`), it also marks
+    /// itself outdated at once, so it is never promoted on this data.
+    fn local_disk_failed(&mut self, what: String, lost_data: bool) {
+        tracing::error!(resource = %self.p.resource, "{what}");
+        self.disk_errors += 1;
+        self.last_error = Some(what.clone());
+        if self.role == Role::Primary {
+            return;
+        }
+        if lost_data && self.disk_state() == DiskState::UpToDate {
+            self.sb.set(meta::FLAG_OUTDATED, true);
+            self.persist_superblock();
+        }
+        if self.conn != Conn::StandAlone {
+            self.go_standalone(format!(
+                "{what}: this node is outdated until a resync; fix the disk, then run `tandemctl connect {}`",
+                self.p.resource
+            ));
+        }
     }
 
     /// The peer asked this node to take over (a switchover): promote it as `promote`
@@ -1694,6 +1813,7 @@ impl Resource {
         }
         self.want_promote = Some(PromoteWant {
             manual: true,
+            force: false,
             give_up_at: self
                 .now
                 .plus_ms(2 * self.p.lease_ms + self.p.ping_timeout_ms),
@@ -1738,14 +1858,6 @@ impl Resource {
             self.sb.set(meta::FLAG_CONSISTENT, true);
             self.sb.set(meta::FLAG_OUTDATED, false);
         }
-        if force && self.p.witness {
-            tracing::warn!(
-                resource = %self.p.resource,
-                term = self.sb.term,
-                "forced promotion: acting as primary without quorum or fencing until demoted"
-            );
-            self.forced = true;
-        }
         self.primary_lost_at = None;
         self.want_promote = None;
         let was_just_created = self.sb.gen.current == uuid::UUID_JUST_CREATED;
@@ -1786,23 +1898,18 @@ impl Resource {
         };
         match reply {
             None => {
-                if self.wl.reachable {
-                    tracing::warn!(resource = %self.p.resource, "witness unreachable");
-                }
                 self.wl.reachable = false;
-                self.wl.next_at = self
-                    .wl
-                    .next_at
-                    .min(now.plus_ms((self.p.lease_ms / 10).max(10)));
+                self.wl.back_off(now, op, self.p.lease_ms);
+                self.note_witness_trouble(Some("unreachable".into()));
                 if op == WitnessOp::Promote && self.role != Role::Primary {
                     self.set_promote_uncertain(true);
                     self.promote_refused("the witness did not answer".into(), false);
                 }
+                if op == WitnessOp::Adopt {
+                    self.adopt_done(Err("the witness did not answer".into()));
+                }
             }
             Some(r) => {
-                if !self.wl.reachable {
-                    tracing::info!(resource = %self.p.resource, term = r.term, "witness reachable");
-                }
                 self.wl.reachable = true;
                 self.wl.last_reply = Some(now);
                 self.wl.primary = r.primary.clone();
@@ -1810,6 +1917,12 @@ impl Resource {
                 // Requests are handled in order, so this reply reflects every earlier one.
                 self.wl.peer_maybe_up_to_date =
                     r.up_to_date.is_empty() || r.up_to_date.contains(&self.p.peer_node);
+                if r.granted {
+                    self.wl.granted();
+                } else if op != WitnessOp::Query {
+                    self.wl.back_off(now, op, self.p.lease_ms);
+                }
+                self.note_witness_reply(op, &r);
                 match op {
                     WitnessOp::Promote if r.granted => {
                         self.promoted_by_witness(r.term, sent_at, r.lease_ms)
@@ -1836,9 +1949,11 @@ impl Resource {
                         tracing::info!(resource = %self.p.resource, peer = %self.p.peer_node, "the witness recorded the peer as outdated");
                     }
                     WitnessOp::Release => self.wl.release_pending = false,
-                    _ if !r.granted => {
-                        tracing::debug!(resource = %self.p.resource, ?op, reason = %r.reason, "witness refused")
-                    }
+                    WitnessOp::Adopt => self.adopt_done(if r.granted {
+                        Ok(())
+                    } else {
+                        Err(format!("the witness refused: {}", r.reason))
+                    }),
                     _ => {}
                 }
                 self.adopt_term(r.term, "the witness");
@@ -1861,10 +1976,45 @@ impl Resource {
         self.check_gate();
     }
 
-    /// Send the next request to the witness if none is in flight. `periodic`: the
-    /// renewal or query timer fired.
+    /// What a reply says about the witness itself: behind the pair's term (new, or it
+    /// lost its state), refusing what a primary needs, or working.
+    fn note_witness_reply(&mut self, op: WitnessOp, r: &witness::Reply) {
+        let trouble = if r.term < self.sb.term {
+            Some(format!(
+                "the witness is at term {}, this node at term {}: it is new or lost its state; run `tandemctl adopt-witness {}` on the primary",
+                r.term, self.sb.term, self.p.resource
+            ))
+        } else {
+            match op {
+                WitnessOp::Renew
+                | WitnessOp::Outdate
+                | WitnessOp::UpToDate
+                | WitnessOp::Release
+                    if !r.granted =>
+                {
+                    Some(format!("refused {op:?}: {}", r.reason))
+                }
+                _ => None,
+            }
+        };
+        self.note_witness_trouble(trouble);
+    }
+
+    /// Keep what is wrong with the witness for `status`; log it once per change.
+    fn note_witness_trouble(&mut self, trouble: Option<String>) {
+        match self.wl.set_trouble(trouble) {
+            Some(Some(t)) => {
+                tracing::warn!(resource = %self.p.resource, problem = %t, "witness trouble")
+            }
+            Some(None) => tracing::info!(resource = %self.p.resource, "the witness works again"),
+            None => {}
+        }
+    }
+
+    /// Send the next request to the witness if none is in flight and no back-off runs.
+    /// `periodic`: the renewal or query timer fired.
     fn witness_tick(&mut self, periodic: bool) {
-        if !self.p.witness || self.wl.in_flight.is_some() {
+        if !self.p.witness || !self.wl.may_send(self.now) {
             return;
         }
         if self.want_promote.is_some_and(|w| !w.manual) && !self.auto_promote_possible() {
@@ -1876,14 +2026,21 @@ impl Resource {
                 .votes
                 .lease_until
                 .is_none_or(|t| t.ms_since(self.now) < self.p.lease_ms * 2 / 3);
-        let (op, peer) = if self.role != Role::Primary && self.want_promote.is_some() {
+        let force = self.want_promote.is_some_and(|w| w.force);
+        let (op, peer) = if let Some(adopt_force) = self.wl.adopt {
+            // The peer joins the up-to-date set if it is connected and up to date.
+            let peer_ok = !adopt_force
+                && self.conn == Conn::Established
+                && self.peer_disk == DiskState::UpToDate;
+            (WitnessOp::Adopt, if peer_ok { peer } else { String::new() })
+        } else if self.role != Role::Primary && self.want_promote.is_some() {
             if !self.stonith_allows_promotion() {
                 return;
             }
             (WitnessOp::Promote, String::new())
         } else if self.role != Role::Primary && self.promote_uncertain {
             (WitnessOp::Query, String::new())
-        } else if self.role == Role::Primary && !self.forced {
+        } else if self.role == Role::Primary {
             if self.fence_needed() {
                 (WitnessOp::Outdate, peer)
             } else if self.peer_needs_uptodate() {
@@ -1915,10 +2072,28 @@ impl Resource {
                 term: self.sb.term,
                 peer,
                 uptodate: self.disk_state() == DiskState::UpToDate,
+                force: op == WitnessOp::Promote && force,
+                primary: op == WitnessOp::Adopt && self.role == Role::Primary,
                 seq: self.witness_seq,
             },
             timeout_ms: (self.p.lease_ms / 4).max(20),
         });
+    }
+
+    /// `tandemctl adopt-witness` has its answer.
+    fn adopt_done(&mut self, r: Result<(), String>) {
+        if self.wl.adopt.take().is_none() {
+            return;
+        }
+        match &r {
+            Ok(()) => {
+                tracing::info!(resource = %self.p.resource, term = self.sb.term, "the witness adopted this pair's term")
+            }
+            Err(e) => {
+                tracing::error!(resource = %self.p.resource, error = %e, "adopt-witness failed")
+            }
+        }
+        self.actions.push_back(Action::AdminDone(r));
     }
 
     /// With `fencing = "stonith"`, a node promotes while its peer is not connected only
@@ -2005,11 +2180,11 @@ impl Resource {
     /// has made its inconsistency durable: it receives every new write, and an
     /// inconsistent disk is never promoted.
     fn fence_needed(&self) -> bool {
-        let peer_has_every_write = self.conn == Conn::Established
-            || (self.conn == Conn::SyncSource && self.peer_target_durable);
+        let peer_has_every_write = !self.peer_disk_failed
+            && (self.conn == Conn::Established
+                || (self.conn == Conn::SyncSource && self.peer_target_durable));
         self.role == Role::Primary
             && self.p.witness
-            && !self.forced
             && self.p.fencing != Fencing::None
             && !peer_has_every_write
             && self.wl.peer_maybe_up_to_date
@@ -2052,11 +2227,11 @@ impl Resource {
         }
         self.votes.lease_until = Some(until);
         self.votes.peer_counts = true;
-        self.forced = false;
+        let force = want.is_some_and(|w| w.force);
         let out = if self.role == Role::Primary {
             Ok(())
         } else {
-            self.promote(false)
+            self.promote(force)
         };
         match out {
             Ok(()) => {
@@ -2084,7 +2259,9 @@ impl Resource {
         let Some(w) = self.want_promote else {
             return;
         };
-        let retry = !outdated
+        // A forced promotion does not ask the witness about the disk: being outdated
+        // there does not stop it.
+        let retry = (!outdated || w.force)
             && self.role != Role::Primary
             && if w.manual {
                 self.now < w.give_up_at
@@ -2092,7 +2269,7 @@ impl Resource {
                 self.auto_promote_possible()
             };
         if retry {
-            self.wl.next_at = self.now.plus_ms((self.p.lease_ms / 6).max(10));
+            // Asked again when the back-off of the refusal ends.
             return;
         }
         self.want_promote = None;
@@ -2136,11 +2313,7 @@ impl Resource {
         self.term_persist = true;
         self.persist_superblock();
         if self.role == Role::Primary {
-            if self.forced {
-                tracing::error!(resource = %self.p.resource, term, "a newer term exists, but this node was promoted with --force and stays primary");
-            } else {
-                self.step_down(format!("replaced by the primary of term {term}"));
-            }
+            self.step_down(format!("replaced by the primary of term {term}"));
         }
     }
 
@@ -2168,10 +2341,9 @@ impl Resource {
     }
 
     fn leave_primary(&mut self) {
-        if self.p.witness && !self.forced {
+        if self.p.witness {
             self.wl.release_pending = true;
         }
-        self.forced = false;
         self.votes.lease_until = None;
         self.witness_tick(false);
     }
@@ -2202,7 +2374,6 @@ impl Resource {
     fn note_quorum_loss(&mut self) {
         if self.role == Role::Primary
             && self.p.witness
-            && !self.forced
             && self.votes.peer_counts
             && !self.votes.quorum(self.now)
         {
@@ -2322,6 +2493,7 @@ impl Resource {
         self.pings_sent.clear();
         self.resync_done_early = None;
         self.peer_target_durable = false;
+        self.peer_disk_failed = false;
         self.conn = next;
         self.seq_to_req.clear();
         // A write the peer acknowledged is only durable there once the barrier of its
@@ -2377,6 +2549,9 @@ impl Resource {
         }
         self.check_flushes();
         self.witness_tick(false);
+        // Writes and flushes held while the handshake decided go on now, replicated or
+        // not: a handshake that ends in a refusal must not leave them queued.
+        self.pump();
     }
 
     fn on_hello(&mut self, h: Hello, peer_term: u64) {
@@ -2473,11 +2648,7 @@ impl Resource {
             "uuid_compare()={decision:?} by rule={rule} (local {:016X}/{:016X}, peer {:016X}/{:016X})",
             local.gen.current, local.gen.bitmap, peer.gen.current, peer.gen.bitmap
         );
-        if self.role == Role::Primary
-            && peer_primary
-            && peer_term_raw < self.sb.term
-            && !self.forced
-        {
+        if self.role == Role::Primary && peer_primary && peer_term_raw < self.sb.term {
             // It steps down when it reads this node's hello; try again then.
             return self.drop_connection(format!(
                 "peer is a stale primary of term {peer_term_raw} (this node: term {})",
@@ -2620,9 +2791,12 @@ impl Resource {
         if self.meta_in_flight.is_some() {
             return;
         }
+        if self.meta_retry_at.is_some() {
+            return;
+        }
         if let Some((offset, bytes)) = self.meta_queue.pop_front() {
             let io = self.new_io(IoPurpose::Meta);
-            self.meta_in_flight = Some(io);
+            self.meta_in_flight = Some((io, offset, bytes.clone()));
             self.actions
                 .push_back(Action::MetaWrite { io, offset, bytes });
         }
@@ -2693,8 +2867,20 @@ impl Resource {
                         if self.al_txn_queued {
                             return;
                         }
-                        match self.al.plan(&missing) {
-                            Err(_) => return,
+                        match self.al.plan(extents.clone()) {
+                            Err(AlBlocked::AllSlotsBusy) => return,
+                            Err(AlBlocked::TooManyExtents { needed, capacity }) => {
+                                // It could never be served: fail it rather than wait.
+                                tracing::error!(resource = %self.p.resource, offset, len, needed, capacity, "a write spans more activity-log extents than al-extents holds; refused");
+                                self.pending.pop_front();
+                                self.writes.remove(&req);
+                                self.actions.push_back(Action::CompleteWrite {
+                                    req,
+                                    result: Err(ReqError::TooLarge),
+                                });
+                                self.actions.push_back(Action::ReleaseBuf(BufId(req.0)));
+                                continue;
+                            }
                             Ok((evicted, txn, slot)) => {
                                 // Bits of an evicted extent must be on disk before the AL
                                 // stops covering it.
@@ -2825,6 +3011,16 @@ impl Resource {
     }
 
     fn app_write_done(&mut self, req: ReqId, ok: bool) {
+        if let (false, Some(w)) = (ok, self.writes.get(&req)) {
+            // The peer may hold the new data and this disk the old (or a torn block):
+            // the blocks are out of sync, and the application gets EIO.
+            let (offset, len) = (w.offset, w.len);
+            self.bitmap.set_range(offset, len);
+            self.local_disk_failed(
+                format!("the disk failed a write at byte {offset} (the application got EIO); its blocks are marked out of sync"),
+                true,
+            );
+        }
         if let Some(w) = self.writes.get_mut(&req) {
             w.local_done = true;
             w.local_failed = !ok;
@@ -3032,10 +3228,10 @@ impl Resource {
             }
         }
         if !ok {
-            self.last_error = Some(format!(
-                "write error at byte {} on behalf of the peer",
-                op.offset
-            ));
+            self.local_disk_failed(
+                format!("the disk failed a write at byte {} for the peer", op.offset),
+                true,
+            );
         }
         self.check_peer_barriers();
         self.pump_peer();

@@ -14,6 +14,10 @@ pub const FRAME_MAGIC: u32 = 0x4D44_4E54; // "TNDM"
 pub const PROTOCOL_VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 28;
 pub const MAX_FIELDS_BYTES: u32 = 64 * 1024;
+/// Flag bits of a witness request.
+pub const WITNESS_UPTODATE: u8 = 1;
+pub const WITNESS_FORCE: u8 = 2;
+pub const WITNESS_PRIMARY: u8 = 4;
 pub const MAX_DATA_BYTES: u32 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -251,7 +255,10 @@ impl Msg {
                 e.str(&r.resource);
                 e.u64(r.term);
                 e.str(&r.peer);
-                e.u8(r.uptodate as u8);
+                let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+                e.u8(flag(r.uptodate, WITNESS_UPTODATE)
+                    | flag(r.force, WITNESS_FORCE)
+                    | flag(r.primary, WITNESS_PRIMARY));
                 e.u64(r.seq);
             }
             Msg::WitnessReply(r) => {
@@ -365,15 +372,27 @@ impl Msg {
             23 => Msg::Ping { id: d.u64("ping")? },
             24 => Msg::PingAck { id: d.u64("ping")? },
             25 => Msg::Handover,
-            30 => Msg::WitnessRequest(witness::Request {
-                op: witness::Op::from_code(d.u8("witness request")?)
-                    .ok_or(WireError::Malformed("witness request"))?,
-                resource: d.str("witness request")?,
-                term: d.u64("witness request")?,
-                peer: d.str("witness request")?,
-                uptodate: d.u8("witness request")? != 0,
-                seq: d.u64("witness request")?,
-            }),
+            30 => {
+                let what = "witness request";
+                let op = witness::Op::from_code(d.u8(what)?).ok_or(WireError::Malformed(what))?;
+                let resource = d.str(what)?;
+                let term = d.u64(what)?;
+                let peer = d.str(what)?;
+                let flags = d.u8(what)?;
+                if flags & !(WITNESS_UPTODATE | WITNESS_FORCE | WITNESS_PRIMARY) != 0 {
+                    return Err(WireError::Malformed(what));
+                }
+                Msg::WitnessRequest(witness::Request {
+                    op,
+                    resource,
+                    term,
+                    peer,
+                    uptodate: flags & WITNESS_UPTODATE != 0,
+                    force: flags & WITNESS_FORCE != 0,
+                    primary: flags & WITNESS_PRIMARY != 0,
+                    seq: d.u64(what)?,
+                })
+            }
             31 => {
                 let granted = d.u8("witness reply")? != 0;
                 let term = d.u64("witness reply")?;

@@ -4,10 +4,13 @@
 //! # Driving it
 //!
 //! Build a [`Witness`] from the state last persisted ([`decode_state`]) and `now`; for
-//! each authenticated request call [`Witness::handle`]. When the returned
-//! [`Outcome::persist`] is set, write [`Witness::encode_state`] durably (temp file, fsync,
-//! rename, fsync the directory) **before** sending the reply: a grant that was answered
-//! but not stored could be granted again to someone else after a restart.
+//! each authenticated request call [`Witness::handle`]. A request that changes stored
+//! state does not change it yet: the returned [`Outcome::persist`] carries the change
+//! ([`Staged`]) and the whole state file with it applied. Write those bytes durably (temp
+//! file, fsync, rename, fsync the directory), then [`Witness::commit`] the change and send
+//! the reply. If the write fails, send [`Witness::unstored`] instead and drop the change:
+//! the state stays as it was, so a grant that was never stored is never made, and cannot
+//! be made a second time to another node after a restart.
 //!
 //! Leases are not stored. Instead, a witness grants nothing for one lease period after it
 //! starts ([`Witness::new`]), so that every lease granted before a restart has expired
@@ -32,6 +35,11 @@ pub enum Op {
     Release = 5,
     /// Read the resource's state.
     Query = 6,
+    /// Put a new (or emptied) witness in service for a pair that has run before: the
+    /// witness takes the asking node's `term` (the pair's highest), makes it primary if
+    /// it says so (`peer` empty) and records the up-to-date set. Granted only while the
+    /// witness holds no term for the resource, so it can never lower a term.
+    Adopt = 7,
 }
 
 impl Op {
@@ -43,6 +51,7 @@ impl Op {
             4 => Op::UpToDate,
             5 => Op::Release,
             6 => Op::Query,
+            7 => Op::Adopt,
             _ => return None,
         })
     }
@@ -55,6 +64,12 @@ pub struct Request {
     pub term: u64,
     pub peer: String,
     pub uptodate: bool,
+    /// `Promote` only: the operator forced it (`promote --force`). The node's own disk
+    /// state and the up-to-date set are not checked; the lease and the term still are,
+    /// so a forced promotion never makes a second primary.
+    pub force: bool,
+    /// `Adopt` only: the asking node is primary now.
+    pub primary: bool,
     /// Increases with every request a node process sends (0: unordered, for tools). The
     /// witness refuses a request numbered at or below one it already handled from that
     /// node: a request the node gave up on may still be read after a newer one.
@@ -82,11 +97,31 @@ pub struct ResourceState {
     pub up_to_date: BTreeSet<String>,
 }
 
-#[must_use = "persist before replying when `persist` is set"]
+#[must_use = "persist and commit before replying when `persist` is set"]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
+    /// The answer; when `persist` is set, valid only once the change is committed.
     pub reply: Reply,
-    pub persist: bool,
+    pub persist: Option<Staged>,
+}
+
+/// A change of stored state, not yet made: write [`Staged::bytes`] durably, then
+/// [`Witness::commit`] it.
+#[must_use = "a staged change takes effect only through Witness::commit"]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    resource: String,
+    state: ResourceState,
+    lease: LeaseChange,
+    /// The whole state file with the change applied.
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseChange {
+    Keep,
+    Start(Instant),
+    Clear,
 }
 
 pub struct Witness {
@@ -121,21 +156,15 @@ impl Witness {
     }
 
     pub fn handle(&mut self, now: Instant, node: &str, req: &Request) -> Outcome {
+        let cur = self.state.get(&req.resource).cloned().unwrap_or_default();
         if req.seq > 0 {
             let key = (req.resource.clone(), node.to_string());
             let last = self.last_seq.get(&key).copied().unwrap_or(0);
             if req.seq <= last {
-                let st = self.state.get(&req.resource).cloned().unwrap_or_default();
+                let why = format!("stale request {} (already handled {last})", req.seq);
                 return Outcome {
-                    reply: Reply {
-                        granted: false,
-                        term: st.term,
-                        primary: st.primary.unwrap_or_default(),
-                        up_to_date: st.up_to_date.into_iter().collect(),
-                        reason: format!("stale request {} (already handled {last})", req.seq),
-                        ..Reply::default()
-                    },
-                    persist: false,
+                    reply: refusal(&cur, why),
+                    persist: None,
                 };
             }
             self.last_seq.insert(key, req.seq);
@@ -143,123 +172,170 @@ impl Witness {
         let in_grace = now < self.grace_until;
         let grace_left = self.grace_until.ms_since(now);
         let live = self.lease_live(&req.resource, now);
-        let lease_ms = self.lease_ms;
-        let st = self.state.entry(req.resource.clone()).or_default();
-        let mut reply = Reply {
-            term: st.term,
-            ..Reply::default()
-        };
-        let mut persist = false;
-        let refuse = |mut r: Reply, why: String| {
-            r.granted = false;
-            r.reason = why;
-            r
-        };
+        let lease_until = now.plus_ms(self.lease_ms);
+        // The decision works on a copy; stored state changes only in `commit`.
+        let mut st = cur.clone();
+        let mut lease = LeaseChange::Keep;
         let is_primary_of_term =
             req.term == st.term && st.primary.as_deref() == Some(node) && st.term > 0;
-        let reply = match req.op {
-            Op::Query => {
-                reply.granted = true;
-                reply
+        let refused: Option<String> = match req.op {
+            Op::Query => None,
+            Op::Adopt if st.term > 0 => Some(format!(
+                "the witness already holds term {} for {}: adopt is only for a new or emptied witness",
+                st.term, req.resource
+            )),
+            Op::Adopt if req.term == 0 => {
+                Some("adopt needs the pair's term (the node has none)".into())
             }
-            _ if req.term > st.term => refuse(
-                reply,
-                format!("term {} is newer than the witness's {}", req.term, st.term),
-            ),
-            Op::Renew | Op::Outdate | Op::UpToDate | Op::Release if req.term < st.term => refuse(
-                reply,
+            Op::Adopt => {
+                st.term = req.term;
+                st.primary = req.primary.then(|| node.to_string());
+                st.up_to_date.clear();
+                if req.uptodate {
+                    st.up_to_date.insert(node.to_string());
+                }
+                if !req.peer.is_empty() && req.peer != node {
+                    st.up_to_date.insert(req.peer.clone());
+                }
+                None
+            }
+            _ if req.term > st.term => Some(format!(
+                "term {} is newer than the witness's {}{}",
+                req.term,
+                st.term,
+                if st.term == 0 {
+                    ": this witness is new or lost its state; run `tandemctl adopt-witness` on the pair's primary"
+                } else {
+                    ""
+                }
+            )),
+            Op::Renew | Op::Outdate | Op::UpToDate | Op::Release if req.term < st.term => Some(
                 format!("stale term {} (current {})", req.term, st.term),
             ),
-            Op::Renew | Op::Outdate | Op::UpToDate | Op::Release if !is_primary_of_term => refuse(
-                reply,
-                format!("{node} is not the primary of term {}", st.term),
-            ),
-            Op::Renew if in_grace => refuse(
-                reply,
-                format!("witness restarted: no leases for another {grace_left} ms"),
-            ),
+            Op::Renew | Op::Outdate | Op::UpToDate | Op::Release if !is_primary_of_term => {
+                Some(format!("{node} is not the primary of term {}", st.term))
+            }
+            Op::Renew if in_grace => Some(format!(
+                "witness restarted: no leases for another {grace_left} ms"
+            )),
             Op::Renew => {
-                self.leases
-                    .insert(req.resource.clone(), now.plus_ms(lease_ms));
-                reply.granted = true;
-                reply.lease_ms = lease_ms;
-                reply
+                // Not stored: a restart grants nothing for one lease period instead.
+                self.leases.insert(req.resource.clone(), lease_until);
+                None
             }
             Op::Outdate | Op::UpToDate if req.peer.is_empty() || req.peer == node => {
-                refuse(reply, "outdate/up-to-date needs the peer's name".into())
+                Some("outdate/up-to-date needs the peer's name".into())
             }
             Op::Outdate => {
-                persist = st.up_to_date.remove(&req.peer);
-                reply.granted = true;
-                reply
+                st.up_to_date.remove(&req.peer);
+                None
             }
             Op::UpToDate => {
-                persist = st.up_to_date.insert(req.peer.clone());
-                reply.granted = true;
-                reply
+                st.up_to_date.insert(req.peer.clone());
+                None
             }
             Op::Release => {
                 st.primary = None;
-                self.leases.remove(&req.resource);
-                persist = true;
-                reply.granted = true;
-                reply
+                lease = LeaseChange::Clear;
+                None
             }
-            Op::Promote if in_grace => refuse(
-                reply,
-                format!("witness restarted: no promotion for another {grace_left} ms"),
-            ),
+            Op::Promote if in_grace => Some(format!(
+                "witness restarted: no promotion for another {grace_left} ms"
+            )),
             // The primary of record asking again (a repeated or late request, or a
             // restart within its lease): nobody else can hold its term, so it keeps it.
             // Granting a new term here would replace the node by itself.
-            Op::Promote if st.primary.as_deref() == Some(node) && st.term > 0 && req.uptodate => {
-                self.leases
-                    .insert(req.resource.clone(), now.plus_ms(lease_ms));
-                reply.granted = true;
-                reply.lease_ms = lease_ms;
-                reply
+            Op::Promote
+                if st.primary.as_deref() == Some(node)
+                    && st.term > 0
+                    && (req.uptodate || req.force) =>
+            {
+                self.leases.insert(req.resource.clone(), lease_until);
+                None
             }
-            Op::Promote if live && st.primary.as_deref() != Some(node) => refuse(
-                reply,
-                format!(
-                    "{} holds the lease of term {}",
-                    st.primary.as_deref().unwrap_or("?"),
-                    st.term
-                ),
-            ),
-            Op::Promote if !req.uptodate => {
-                refuse(reply, "the node's own disk is not up to date".into())
+            Op::Promote if live && st.primary.as_deref() != Some(node) => Some(format!(
+                "{} holds the lease of term {}",
+                st.primary.as_deref().unwrap_or("?"),
+                st.term
+            )),
+            Op::Promote if !req.uptodate && !req.force => {
+                Some("the node's own disk is not up to date".into())
             }
-            Op::Promote if !st.up_to_date.is_empty() && !st.up_to_date.contains(node) => refuse(
-                reply,
-                format!(
+            Op::Promote
+                if !req.force && !st.up_to_date.is_empty() && !st.up_to_date.contains(node) =>
+            {
+                Some(format!(
                     "{node} is not in the up-to-date set {:?}",
                     st.up_to_date.iter().collect::<Vec<_>>()
-                ),
-            ),
-            Op::Promote => {
-                st.term += 1;
-                st.primary = Some(node.to_string());
-                if st.up_to_date.is_empty() {
-                    st.up_to_date.insert(node.to_string());
-                }
-                self.leases
-                    .insert(req.resource.clone(), now.plus_ms(lease_ms));
-                persist = true;
-                reply.term = st.term;
-                reply.granted = true;
-                reply.lease_ms = lease_ms;
-                reply
+                ))
             }
+            Op::Promote => match st.term.checked_add(1) {
+                None => Some(format!("term {} cannot grow any further", st.term)),
+                Some(t) => {
+                    st.term = t;
+                    st.primary = Some(node.to_string());
+                    if req.force {
+                        // The operator chose this node's data: it is the only up-to-date
+                        // copy until a resync says otherwise.
+                        st.up_to_date.clear();
+                    }
+                    st.up_to_date.insert(node.to_string());
+                    lease = LeaseChange::Start(lease_until);
+                    None
+                }
+            },
         };
-        let mut reply = reply;
-        let st = &self.state[&req.resource];
-        reply.primary = st.primary.clone().unwrap_or_default();
-        reply.up_to_date = st.up_to_date.iter().cloned().collect();
-        if !reply.granted && req.op != Op::Query {
-            reply.term = st.term;
+        if let Some(why) = refused {
+            return Outcome {
+                reply: refusal(&cur, why),
+                persist: None,
+            };
         }
+        let mut reply = Reply {
+            granted: true,
+            term: st.term,
+            primary: st.primary.clone().unwrap_or_default(),
+            up_to_date: st.up_to_date.iter().cloned().collect(),
+            ..Reply::default()
+        };
+        if matches!(req.op, Op::Renew | Op::Promote) {
+            reply.lease_ms = self.lease_ms;
+        }
+        let persist = (st != cur).then(|| {
+            let mut next = self.state.clone();
+            next.insert(req.resource.clone(), st.clone());
+            Staged {
+                resource: req.resource.clone(),
+                state: st,
+                lease,
+                bytes: encode_state(&next),
+            }
+        });
         Outcome { reply, persist }
+    }
+
+    /// Make a staged change the witness's state, once its bytes are durable.
+    pub fn commit(&mut self, staged: Staged) {
+        match staged.lease {
+            LeaseChange::Keep => {}
+            LeaseChange::Start(until) => {
+                self.leases.insert(staged.resource.clone(), until);
+            }
+            LeaseChange::Clear => {
+                self.leases.remove(&staged.resource);
+            }
+        }
+        self.state.insert(staged.resource, staged.state);
+    }
+
+    /// The answer to a request whose change could not be stored: refused, with the
+    /// state as it still is.
+    pub fn unstored(&self, resource: &str, why: &str) -> Reply {
+        let cur = self.state.get(resource).cloned().unwrap_or_default();
+        refusal(
+            &cur,
+            format!("the witness cannot store its state ({why}); nothing was changed"),
+        )
     }
 
     pub fn encode_state(&self) -> Vec<u8> {
@@ -298,6 +374,17 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     let n = s.len().min(255);
     out.push(n as u8);
     out.extend_from_slice(&s.as_bytes()[..n]);
+}
+
+fn refusal(st: &ResourceState, reason: String) -> Reply {
+    Reply {
+        granted: false,
+        term: st.term,
+        lease_ms: 0,
+        primary: st.primary.clone().unwrap_or_default(),
+        up_to_date: st.up_to_date.iter().cloned().collect(),
+        reason,
+    }
 }
 
 pub fn encode_state(state: &BTreeMap<String, ResourceState>) -> Vec<u8> {

@@ -78,8 +78,11 @@ impl WitnessLink {
     /// the last one in more than its numbers, for the caller to log once per change.
     pub fn set_trouble(&mut self, trouble: Option<String>) -> Option<Option<String>> {
         let key = |t: &Option<String>| {
-            t.as_ref()
-                .map(|s| s.chars().filter(|c| !c.is_ascii_digit()).collect::<String>())
+            t.as_ref().map(|s| {
+                s.chars()
+                    .filter(|c| !c.is_ascii_digit())
+                    .collect::<String>()
+            })
         };
         let changed = key(&self.trouble) != key(&trouble);
         self.trouble = trouble;

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,6 +44,11 @@ pub enum Request {
         #[serde(default)]
         to: Option<String>,
     },
+    AdoptWitness {
+        resource: String,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 impl Request {
@@ -55,9 +60,40 @@ impl Request {
             | Request::Connect { resource, .. }
             | Request::Disconnect { resource }
             | Request::Invalidate { resource }
-            | Request::Switchover { resource, .. } => Some(resource),
+            | Request::Switchover { resource, .. }
+            | Request::AdoptWitness { resource, .. } => Some(resource),
         }
     }
+}
+
+/// The longest request line the daemon reads; a longer one is refused and the
+/// connection closed, without buffering it.
+pub const MAX_LINE_BYTES: usize = 64 << 10;
+
+/// One line read from a control connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    Text(String),
+    TooLong,
+    Eof,
+}
+
+/// Read one request line, holding at most [`MAX_LINE_BYTES`] of it in memory.
+pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let n = (&mut *r)
+        .take(MAX_LINE_BYTES as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_LINE_BYTES {
+        return Ok(Line::TooLong);
+    }
+    Ok(Line::Text(String::from_utf8_lossy(&buf).into_owned()))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -101,6 +137,8 @@ pub enum ClientError {
     Decode(#[from] serde_json::Error),
     #[error("tandemd closed the connection without a reply")]
     Closed,
+    #[error("{path}: permission denied: the control socket is root-only; run tandemctl as root")]
+    RootOnly { path: String },
 }
 
 /// A client connection to the daemon.
@@ -111,12 +149,18 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
-        let s = UnixStream::connect(path)
-            .await
-            .map_err(|err| ClientError::Connect {
-                path: path.display().to_string(),
-                err,
-            })?;
+        let s = UnixStream::connect(path).await.map_err(|err| {
+            if err.kind() == std::io::ErrorKind::PermissionDenied {
+                ClientError::RootOnly {
+                    path: path.display().to_string(),
+                }
+            } else {
+                ClientError::Connect {
+                    path: path.display().to_string(),
+                    err,
+                }
+            }
+        })?;
         let (r, w) = s.into_split();
         Ok(Client {
             lines: BufReader::new(r).lines(),

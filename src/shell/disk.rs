@@ -104,8 +104,31 @@ pub struct Disk {
 
 const RING_ENTRIES: u32 = 256;
 
-/// Open a backing device for O_DIRECT (buffered where the file system refuses it);
-/// returns the file, whether it is direct, and its size.
+/// Take the exclusive advisory lock every Tandem process holds on a backing disk it
+/// writes: a second daemon, or `tandemctl create-md`, is refused while one serves it.
+pub fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor this function borrows for the call; no memory
+    // is passed.
+    let r = unsafe { nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(nix::libc::EWOULDBLOCK) {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "{} is in use by another process (a tandemd serving it?)",
+                path.display()
+            ),
+        ));
+    }
+    Err(e)
+}
+
+/// Open a backing device for O_DIRECT (buffered where the file system refuses it) and
+/// lock it ([`lock_exclusive`]); returns the file, whether it is direct, and its size.
 pub fn open_backing(path: &Path) -> io::Result<(File, bool, u64)> {
     let (file, direct) = match OpenOptions::new()
         .read(true)
@@ -120,6 +143,7 @@ pub fn open_backing(path: &Path) -> io::Result<(File, bool, u64)> {
         }
         Err(e) => return Err(e),
     };
+    lock_exclusive(&file, path)?;
     let size_bytes = {
         let mut f = &file;
         io::Seek::seek(&mut f, io::SeekFrom::End(0))?

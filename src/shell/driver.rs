@@ -296,7 +296,9 @@ struct Driver {
     /// The reply of the admin command being handled, for the device steps it causes.
     admin_reply: Option<oneshot::Sender<Reply>>,
     /// A promotion waiting for the witness.
-    promote_reply: Option<oneshot::Sender<Reply>>,
+    /// The answer to an admin command the core finishes later ([`Action::AdminDone`]),
+    /// with the message for success.
+    promote_reply: Option<(oneshot::Sender<Reply>, &'static str)>,
     promoter: Promoter,
     services: Arc<Vec<Service>>,
     /// The start or stop running for the promoter; aborted when it runs too long.
@@ -347,7 +349,14 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
                 r.watch_eventfd(waker.efd.as_raw_fd());
                 Some(r)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(disk_err(e)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ResourceBusy
+                ) =>
+            {
+                return Err(disk_err(e))
+            }
             Err(e) => {
                 tracing::warn!(resource = %name, error = %e, "io_uring not available; using pread/pwrite");
                 None
@@ -982,8 +991,10 @@ impl Driver {
             AdminCmd::Disconnect => "disconnected",
             AdminCmd::Invalidate => "invalidated: full resync from the peer",
             AdminCmd::Switchover => "switched over",
+            AdminCmd::AdoptWitness { .. } => "the witness adopted this pair's term",
         };
         self.admin_reply = Some(reply);
+        let cmd_kind = cmd.clone();
         let out = self.core.handle_admin(now, cmd);
         // A role change among the actions takes `admin_reply` for its device steps.
         self.drain();
@@ -996,7 +1007,11 @@ impl Driver {
             }
             Ok(AdminReply::Pending) => {
                 if let Some(r) = reply {
-                    self.promote_reply = Some(r);
+                    let ok = match cmd_kind {
+                        AdminCmd::AdoptWitness { .. } => msg,
+                        _ => "primary",
+                    };
+                    self.promote_reply = Some((r, ok));
                 }
             }
             Ok(AdminReply::Done) => {
@@ -1014,7 +1029,7 @@ impl Driver {
         let reply = self
             .admin_reply
             .take()
-            .or_else(|| self.promote_reply.take());
+            .or_else(|| self.promote_reply.take().map(|(r, _)| r));
         if self.shutdown.is_some() {
             // Stopping: the run loop detaches the device itself once the core is idle.
             return;
@@ -1330,9 +1345,9 @@ impl Driver {
                 }
             }
             Action::AdminDone(result) => {
-                if let Some(r) = self.promote_reply.take() {
+                if let Some((r, ok)) = self.promote_reply.take() {
                     let _ = r.send(match result {
-                        Ok(()) => Reply::ok("primary"),
+                        Ok(()) => Reply::ok(ok),
                         Err(e) => Reply::err(e),
                     });
                 }
@@ -1732,6 +1747,7 @@ fn errno(e: ReqError) -> i32 {
         ReqError::ReadOnly => nix::libc::EROFS,
         ReqError::OutOfRange => nix::libc::ENOSPC,
         ReqError::Io => nix::libc::EIO,
+        ReqError::TooLarge => nix::libc::EINVAL,
     }
 }
 

@@ -225,7 +225,10 @@ pub fn parse(b: &[u8], shape: Shape) -> Request<'_> {
     if h.len as usize != b.len() {
         return reply(Err(nix::libc::EINVAL));
     }
-    let arg = &b[IN_HEADER_BYTES..];
+    // The header's first fields parse from 24 bytes; the whole header is 40.
+    let Some(arg) = b.get(IN_HEADER_BYTES..) else {
+        return reply(Err(nix::libc::EINVAL));
+    };
     match h.opcode {
         op::FORGET | op::BATCH_FORGET | op::INTERRUPT => Request::None,
         op::LOOKUP => {

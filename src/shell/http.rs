@@ -132,9 +132,21 @@ pub fn metrics(statuses: &[Value]) -> String {
     );
     family(
         "tandem_degraded",
-        "1 if the witness is unreachable while the pair is connected.",
+        "1 if the pair is connected but its witness does not work (no failover possible).",
         "gauge",
         each(&|s| flag(s["degraded"] == true)),
+    );
+    family(
+        "tandem_witness_problem",
+        "1 if the witness is unreachable, refuses what the node needs, or is behind the pair's term (status: witness.problem).",
+        "gauge",
+        each(&|s| flag(!s["witness"]["problem"].is_null())),
+    );
+    family(
+        "tandem_disk_errors_total",
+        "Requests the backing disk failed since the daemon started.",
+        "counter",
+        each(&|s| num(&s["disk_errors"])),
     );
     family(
         "tandem_term",
@@ -165,6 +177,12 @@ pub fn metrics(statuses: &[Value]) -> String {
         "Application writes not yet completed.",
         "gauge",
         each(&|s| num(&s["writes_in_flight"])),
+    );
+    family(
+        "tandem_flushes_in_flight",
+        "Application flushes not yet completed.",
+        "gauge",
+        each(&|s| num(&s["flushes_in_flight"])),
     );
     family(
         "tandem_write_latency_seconds_sum",

@@ -29,6 +29,8 @@ pub enum MdError {
     },
     #[error("{path}: {err}; refusing to overwrite a corrupt superblock without --force")]
     Corrupt { path: String, err: MetaError },
+    #[error("{0}; refusing to write metadata under it")]
+    InUse(std::io::Error),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> MdError + '_ {
@@ -76,6 +78,13 @@ pub struct CreateOptions<'a> {
 /// metadata unless `force`.
 pub fn create_metadata(path: &Path, o: &CreateOptions) -> Result<Superblock, MdError> {
     let p = path.display().to_string();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    // Never under a running daemon, --force or not.
+    crate::shell::disk::lock_exclusive(&f, path).map_err(MdError::InUse)?;
     match read_metadata(path) {
         Ok(md) if !o.force => {
             return Err(MdError::Exists {
@@ -84,6 +93,12 @@ pub fn create_metadata(path: &Path, o: &CreateOptions) -> Result<Superblock, MdE
                 node: md.sb.node,
             })
         }
+        Err(
+            e @ MdError::Meta {
+                err: MetaError::SizeChanged { .. },
+                ..
+            },
+        ) if !o.force => return Err(e),
         Err(MdError::Meta { err, .. })
             if !o.force && !matches!(err, MetaError::NoMagic(_) | MetaError::TooSmall(_)) =>
         {
@@ -92,11 +107,6 @@ pub fn create_metadata(path: &Path, o: &CreateOptions) -> Result<Superblock, MdE
         Err(e @ MdError::Io { .. }) => return Err(e),
         _ => {}
     }
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io(path))?;
     let size = device_bytes(&mut f).map_err(io(path))?;
     let layout = Layout::compute(size, BLOCK_BYTES, AL_SLOTS).map_err(|err| MdError::Meta {
         path: p.clone(),

@@ -30,8 +30,22 @@ pub enum NetError {
     Unexpected(&'static str),
 }
 
-/// The shared secret from its file (surrounding whitespace trimmed); at least 16 bytes.
+/// The shared secret from its file (surrounding whitespace trimmed); at least 16 bytes,
+/// and readable by its owner only (as ssh insists for its keys).
 pub fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("{}: cannot read secret: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{}: the secret is accessible to others (mode {:04o}); run `chmod 600 {}`",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        ));
+    }
     let s =
         std::fs::read(path).map_err(|e| format!("{}: cannot read secret: {e}", path.display()))?;
     let s = s.trim_ascii().to_vec();
@@ -60,10 +74,75 @@ pub struct Frame {
     pub data: Option<AlignedBuf>,
 }
 
+/// Frames before authentication (and witness requests) are small and carry no block
+/// data: a peer that has not proven the secret gets no large buffer.
+pub const SMALL_FRAME_FIELDS_BYTES: u32 = 4096;
+
+/// Unauthenticated connections a listener serves at once; more are closed at once.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// Admission of unauthenticated connections: at most [`MAX_HANDSHAKES`] in their
+/// handshake at once, so that a flood of connections costs a bounded amount of memory.
+/// Refusals are logged once per burst.
+pub struct Admission {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    refusing: std::sync::atomic::AtomicBool,
+}
+
+impl Admission {
+    pub fn new(limit: usize) -> Admission {
+        Admission {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
+            refusing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A slot for one handshake, held until it ends; `None`: close the connection.
+    pub fn admit(&self, from: std::net::SocketAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        use std::sync::atomic::Ordering;
+        match self.slots.clone().try_acquire_owned() {
+            Ok(p) => {
+                if self.refusing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("connections in their handshake below the limit again");
+                }
+                Some(p)
+            }
+            Err(_) => {
+                if !self.refusing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%from, limit = MAX_HANDSHAKES, "too many connections in their handshake: closing new ones until some finish");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A frame from an authenticated peer (fields up to 64 KiB, data up to 1 MiB).
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, NetError> {
+    read_frame_within(r, u32::MAX, true).await
+}
+
+/// A frame of the handshake, or a witness request: at most
+/// [`SMALL_FRAME_FIELDS_BYTES`] of fields and no data, checked before anything is
+/// allocated for it.
+pub async fn read_small_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, NetError> {
+    read_frame_within(r, SMALL_FRAME_FIELDS_BYTES, false).await
+}
+
+async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_fields: u32,
+    data_allowed: bool,
+) -> Result<Frame, NetError> {
     let mut h = [0u8; HEADER_BYTES];
     r.read_exact(&mut h).await?;
     let hdr = FrameHeader::decode(&h)?;
+    if hdr.fields_len > max_fields || (hdr.data_len > 0 && !data_allowed) {
+        return Err(NetError::Wire(WireError::TooLarge(
+            hdr.fields_len,
+            hdr.data_len,
+        )));
+    }
     let mut fields = vec![0u8; hdr.fields_len as usize];
     r.read_exact(&mut fields).await?;
     let data = if hdr.data_len > 0 {
@@ -275,7 +354,7 @@ pub async fn connect(
         s.set_nodelay(true)?;
         let (c, challenge) = Connector::start(secret, nonce)?;
         write_frame(&mut s, &challenge, &[]).await?;
-        let resp = read_frame(&mut s).await?.msg;
+        let resp = read_small_frame(&mut s).await?.msg;
         let proof = c.on_response(&resp)?;
         write_frame(&mut s, &proof, &[]).await?;
         let a = Msg::Attach {
@@ -296,12 +375,12 @@ pub async fn accept(mut s: TcpStream, secret: &[u8]) -> Result<(TcpStream, Attac
     timed(async {
         s.set_nodelay(true)?;
         let mut l = Listener::new(secret, nonce)?;
-        let challenge = read_frame(&mut s).await?.msg;
+        let challenge = read_small_frame(&mut s).await?.msg;
         let resp = l.on_challenge(&challenge)?;
         write_frame(&mut s, &resp, &[]).await?;
-        let proof = read_frame(&mut s).await?.msg;
+        let proof = read_small_frame(&mut s).await?.msg;
         l.on_proof(&proof)?;
-        match read_frame(&mut s).await? {
+        match read_small_frame(&mut s).await? {
             Frame {
                 msg:
                     Msg::Attach {
@@ -355,7 +434,7 @@ impl WitnessClient {
         req: crate::core::witness::Request,
     ) -> Result<crate::core::witness::Reply, NetError> {
         write_frame(&mut self.s, &Msg::WitnessRequest(req), &[]).await?;
-        match read_frame(&mut self.s).await? {
+        match read_small_frame(&mut self.s).await? {
             Frame {
                 msg: Msg::WitnessReply(r),
                 data: None,

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod writer;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -192,6 +193,11 @@ impl Cluster {
             });
         }
         std::fs::write(dir.join("secret"), SECRET).expect("secret");
+        std::fs::set_permissions(
+            dir.join("secret"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("secret mode");
         c.write_config(
             o.protocol,
             o.extra,
