@@ -7,3 +7,6 @@
 pub mod config;
 pub mod core;
 pub mod shell;
+
+#[doc(hidden)]
+pub mod fuzz;

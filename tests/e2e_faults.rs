@@ -146,6 +146,55 @@ fn a_write_the_primarys_full_disk_fails_gets_eio_and_the_replicas_converge() {
     c.assert_disks_identical();
 }
 
+/// SIGTERM while writes wait for a peer that stopped answering (and a ping timeout too
+/// long to end the wait): the daemon gives up on them in time, lets its loop device and
+/// FUSE mount go, and exits 0; the writer sees errors, not a hang.
+#[test]
+fn a_stop_with_writes_stuck_still_lets_the_device_go() {
+    let mut c = Cluster::new("stuckstop", Opts::default());
+    let cfg = std::fs::read_to_string(&c.config).expect("config");
+    std::fs::write(
+        &c.config,
+        cfg.replace(
+            "ping-timeout-ms = 2000",
+            "ping-timeout-ms = 60000\npromote-margin-ms = 1250",
+        ),
+    )
+    .expect("config");
+    c.up(0, true);
+    let w = StampWriter::start(&c.nodes[0].device, 0, 1);
+    w.wait_more_ok(50, 20, "alpha before beta stops");
+    c.signal(1, nix::sys::signal::Signal::SIGSTOP);
+    c.wait_for(0, "writes waiting for the stopped peer", 10, |s| {
+        s["writes_in_flight"].as_u64().unwrap_or(0) > 0
+    });
+    let asked = std::time::Instant::now();
+    let pid = c.nodes[0].child.as_ref().expect("alpha").id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let st = c.wait_exit(0, 20);
+    assert!(st.success(), "alpha exited with {st}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(12),
+        "stopping took {:?}",
+        asked.elapsed()
+    );
+    let file = c.nodes[0].run_dir.join("fuse-r0/data");
+    assert!(
+        tandem::shell::frontend::loops_backed_by(&file).is_empty(),
+        "the loop device outlived the daemon"
+    );
+    assert!(
+        !c.nodes[0].device.exists(),
+        "the device link outlived the daemon"
+    );
+    w.wait_failed(10, "the writer");
+    c.signal(1, nix::sys::signal::Signal::SIGCONT);
+}
+
 /// The witness's log lines that refuse something.
 fn witness_refusals(c: &Cluster) -> usize {
     std::fs::read_to_string(c.dir.join("witness/witness.log"))

@@ -1644,43 +1644,61 @@ fn commit_base() -> Option<(String, u64)> {
 /// they are just more seeds.)
 #[test]
 fn simulator_regression_seeds() {
-    let seeds: [(u64, Protocol, &str); 6] = [
+    let seeds: [(u64, Protocol, bool, &str); 7] = [
         (
             12648815,
             Protocol::C,
+            false,
             "a demotion left unflushed writes uncovered",
         ),
         (
             12649173,
             Protocol::C,
+            false,
             "a demotion left unflushed writes uncovered",
         ),
         (
             12652240,
             Protocol::B,
+            false,
             "a grant read after its lease promoted a stale node",
         ),
         (
             12652240,
             Protocol::C,
+            false,
             "a grant read after its lease promoted a stale node",
         ),
         (
             7305840,
             Protocol::C,
+            false,
             "a demotion without quorum left unflushed writes uncovered",
         ),
         (
             7304010,
             Protocol::A,
+            false,
             "a demotion without quorum left the transfer log uncovered",
         ),
+        (
+            30002044,
+            Protocol::B,
+            true,
+            "a resync ack cleared the bit of a write that failed on the primary",
+        ),
     ];
-    // All were found before the fault mix existed: they run without its faults
-    // (`TANDEM_SIM_MIX=none` replays them that way).
-    for (seed, protocol, what) in seeds {
-        if let Err(e) = run_witness_seed_with(seed, protocol, false, Mix::none(seed)) {
-            panic!("TANDEM_SEED={seed} TANDEM_PROTOCOL={protocol:?} TANDEM_SIM_MIX=none (once: {what}): {e}");
+    // `mixed`: found with the seed's own fault mix; the others were found before the mix
+    // existed and run without its faults (`TANDEM_SIM_MIX=none` replays them that way).
+    for (seed, protocol, mixed, what) in seeds {
+        let mix = if mixed {
+            Mix::draw(seed)
+        } else {
+            Mix::none(seed)
+        };
+        let how = if mixed { "" } else { " TANDEM_SIM_MIX=none" };
+        if let Err(e) = run_witness_seed_with(seed, protocol, false, mix) {
+            panic!("TANDEM_SEED={seed} TANDEM_PROTOCOL={protocol:?}{how} (once: {what}): {e}");
         }
     }
 }

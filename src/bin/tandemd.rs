@@ -41,6 +41,9 @@ struct Cli {
     no_uring: bool,
 }
 
+/// How long SIGTERM waits for the resources to stop.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -248,9 +251,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .stopping
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let mut waits = Vec::new();
+    // Each resource gives up on I/O still in flight a second before the daemon stops
+    // waiting for it, so that it still lets its device go.
+    let give_up_at = std::time::Instant::now() + STOP_WAIT - std::time::Duration::from_secs(1);
     for h in daemon.resources.values() {
         let (tx, rx) = oneshot::channel();
-        if h.tx.send(Event::Shutdown { reply: tx }) {
+        if h.tx.send(Event::Shutdown {
+            reply: tx,
+            give_up_at,
+        }) {
             waits.push(rx);
         }
     }
@@ -259,11 +268,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = w.await;
         }
     };
-    if tokio::time::timeout(std::time::Duration::from_secs(10), all)
-        .await
-        .is_err()
-    {
-        tracing::warn!("resources did not stop within 10 s");
+    if tokio::time::timeout(STOP_WAIT, all).await.is_err() {
+        tracing::warn!("resources did not stop within {STOP_WAIT:?}");
     }
     if let Some((stop, task)) = watchdog {
         let _ = stop.send(());

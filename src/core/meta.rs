@@ -118,9 +118,20 @@ fn put_name(b: &mut [u8], s: &str) {
     b[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 
-fn get_name(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
+/// A name as `put_name` wrote it: NUL-terminated within its field, and made of what the
+/// config allows in resource and node names.
+fn get_name(b: &[u8], what: &str) -> Result<String, MetaError> {
+    let bad = || MetaError::Invalid(format!("the {what} name is not a valid name"));
+    let end = b.iter().position(|&c| c == 0).ok_or_else(bad)?;
+    let name = &b[..end];
+    if name.is_empty()
+        || !name
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return Err(bad());
+    }
+    Ok(String::from_utf8_lossy(name).into_owned())
 }
 
 impl Superblock {
@@ -255,8 +266,8 @@ impl Superblock {
                 bitmap: u64_at(80),
                 history,
             },
-            resource: get_name(&b[128..128 + NAME_BYTES]),
-            node: get_name(&b[192..192 + NAME_BYTES]),
+            resource: get_name(&b[128..128 + NAME_BYTES], "resource")?,
+            node: get_name(&b[192..192 + NAME_BYTES], "node")?,
             term: u64_at(256),
             gen_term: u64_at(264),
         })

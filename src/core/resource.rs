@@ -1429,8 +1429,9 @@ impl Resource {
                 self.peer_disk = DiskState::Outdated;
                 if let Some(req) = self.seq_to_req.remove(&seq) {
                     if let Some(w) = self.writes.get_mut(&req) {
-                        self.bitmap.set_range(w.offset, w.len);
                         w.peer = PeerState::NotReplicated;
+                        let (offset, len) = (w.offset, w.len);
+                        self.mark_out_of_sync(offset, len);
                     }
                     self.try_complete(req);
                 }
@@ -1760,9 +1761,19 @@ impl Resource {
         let extents: Vec<u32> = self.al.active_extents().to_vec();
         let eb = self.al.extent_bytes();
         for e in &extents {
-            self.bitmap.set_range(*e as u64 * eb, eb);
+            self.mark_out_of_sync(*e as u64 * eb, eb);
         }
         extents.len()
+    }
+
+    /// Blocks that may differ between the disks now, outside the normal write path (a
+    /// write failed on one side, a demotion could not flush): set in the bitmap, and
+    /// any resync chunk over them that was read before is forgotten, so that its late
+    /// acknowledgement cannot clear them again; the resync reads them anew.
+    fn mark_out_of_sync(&mut self, offset: u64, len: u64) {
+        self.bitmap.set_range(offset, len);
+        self.resync_in_flight
+            .retain(|e| !Self::overlaps(e.0, e.1, offset, len));
     }
 
     /// This node's disk failed a request. A primary goes on (the application saw the
@@ -3015,7 +3026,7 @@ impl Resource {
             // The peer may hold the new data and this disk the old (or a torn block):
             // the blocks are out of sync, and the application gets EIO.
             let (offset, len) = (w.offset, w.len);
-            self.bitmap.set_range(offset, len);
+            self.mark_out_of_sync(offset, len);
             self.local_disk_failed(
                 format!("the disk failed a write at byte {offset} (the application got EIO); its blocks are marked out of sync"),
                 true,

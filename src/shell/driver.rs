@@ -146,8 +146,12 @@ pub enum Event {
         reply: Option<oneshot::Sender<Reply>>,
         message: String,
     },
+    /// Stop: demote (services first), wait until nothing is in flight, then let the
+    /// device go. At `give_up_at` the thread stops even with I/O still in flight (it
+    /// fails), so the loop device and the FUSE mount never outlive the daemon.
     Shutdown {
         reply: oneshot::Sender<()>,
+        give_up_at: std::time::Instant,
     },
 }
 
@@ -292,6 +296,8 @@ struct Driver {
     /// A demotion waits for [`device_busy_error`]'s answer.
     device_checking: bool,
     shutdown: Option<oneshot::Sender<()>>,
+    /// When a stop gives up waiting for I/O in flight (from [`Event::Shutdown`]).
+    stop_by: Option<std::time::Instant>,
     witness_tx: Option<mpsc::UnboundedSender<(witness::Request, u64)>>,
     /// The reply of the admin command being handled, for the device steps it causes.
     admin_reply: Option<oneshot::Sender<Reply>>,
@@ -445,6 +451,7 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         device_busy: false,
         device_checking: false,
         shutdown: None,
+        stop_by: None,
         witness_tx,
         admin_reply: None,
         promote_reply: None,
@@ -511,8 +518,14 @@ impl Driver {
                 progressed = true;
             }
             self.report_changes();
-            if self.shutdown.is_some() && self.core.is_idle() {
-                break;
+            if self.shutdown.is_some() {
+                if self.core.is_idle() {
+                    break;
+                }
+                if self.stop_by.is_some_and(|t| std::time::Instant::now() >= t) {
+                    tracing::error!(resource = %self.name, "stopping with I/O still in flight: it fails; the next start resyncs what it touched");
+                    break;
+                }
             }
             self.flush_sends();
             if progressed {
@@ -521,11 +534,17 @@ impl Driver {
                 }
                 continue;
             }
+            let stop_in = self
+                .stop_by
+                .map(|t| t.saturating_duration_since(std::time::Instant::now()));
             let timeout = [self.core.poll_timeout(), self.promoter.poll_timeout()]
                 .into_iter()
                 .flatten()
                 .min()
-                .map(|t| Duration::from_millis(t.0.saturating_sub(self.now().0)));
+                .map(|t| Duration::from_millis(t.0.saturating_sub(self.now().0)))
+                .into_iter()
+                .chain(stop_in)
+                .min();
             match &mut self.disk {
                 Backing::Ring(r) => {
                     self.waker.sleeping.store(true, Ordering::SeqCst);
@@ -707,18 +726,20 @@ impl Driver {
                     let _ = r.send(out);
                 }
             }
-            Event::Shutdown { reply }
+            Event::Shutdown { reply, give_up_at }
                 if matches!(
                     self.promoter.phase(),
                     Phase::Starting | Phase::Running | Phase::Stopping
                 ) =>
             {
                 // Services first, then the demotion below.
+                self.stop_by = Some(give_up_at);
                 self.shutdown_after_services = Some(reply);
                 self.promoter.handle_stop(now);
                 self.drain_promoter();
             }
-            Event::Shutdown { reply } => {
+            Event::Shutdown { reply, give_up_at } => {
+                self.stop_by = Some(self.stop_by.map_or(give_up_at, |t| t.min(give_up_at)));
                 if self.core.role() == Role::Primary {
                     if self.loop_dev.as_ref().is_some_and(|d| frontend::in_use(d)) {
                         tracing::warn!(resource = %self.name, "stopping while the device is in use; its users will see I/O errors");
@@ -1167,7 +1188,11 @@ impl Driver {
                     self.core.handle_services(false);
                 }
                 if let Some(r) = self.shutdown_after_services.take() {
-                    self.handle(Event::Shutdown { reply: r });
+                    let give_up_at = self.stop_by.unwrap_or_else(std::time::Instant::now);
+                    self.handle(Event::Shutdown {
+                        reply: r,
+                        give_up_at,
+                    });
                     return;
                 }
                 match self.after_services.take() {
@@ -1210,7 +1235,11 @@ impl Driver {
                     }
                 }
                 if let Some(r) = self.shutdown_after_services.take() {
-                    self.handle(Event::Shutdown { reply: r });
+                    let give_up_at = self.stop_by.unwrap_or_else(std::time::Instant::now);
+                    self.handle(Event::Shutdown {
+                        reply: r,
+                        give_up_at,
+                    });
                 }
             }
         }
