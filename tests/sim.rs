@@ -100,10 +100,11 @@ enum Ev {
         io: u64,
         kind: DiskKind,
     },
+    /// The oldest message of a channel (`meta` or data) reaches `to`.
     Deliver {
         to: usize,
         conn: u64,
-        msg_idx: u64,
+        meta: bool,
     },
     /// A graceful close reaches the peer after the data sent before it (TCP FIN).
     Close {
@@ -251,6 +252,10 @@ struct Sim {
     conn: Option<u64>,
     next_conn: u64,
     chan_last: HashMap<(usize, Channel), u64>,
+    /// Messages sent and not yet delivered, per direction and channel, oldest first: a
+    /// delivery always hands over the oldest (TCP keeps order within a connection, also
+    /// when a cut or a pause held some of them back).
+    chan_fifo: HashMap<(usize, Channel), VecDeque<u64>>,
     next_req: u64,
     model: Model,
     app_in_flight: usize,
@@ -368,6 +373,7 @@ impl Sim {
             conn: None,
             next_conn: 1,
             chan_last: HashMap::new(),
+            chan_fifo: HashMap::new(),
             next_req: 1,
             model: Model::default(),
             app_in_flight: 0,
@@ -558,6 +564,9 @@ impl Sim {
         if let Some(c) = self.conn.take() {
             self.log(|| format!("connection {c} broken: {why}"));
             self.held = [VecDeque::new(), VecDeque::new()];
+            // What the connection still carried is gone with it.
+            self.msgs.clear();
+            self.chan_fifo.clear();
             for i in 0..2 {
                 let now = self.local(i);
                 if let Some(r) = self.nodes[i].res.as_mut() {
@@ -773,13 +782,14 @@ impl Sim {
                 self.chan_last.insert(key, at);
                 self.seq += 1;
                 let idx = self.seq;
+                self.chan_fifo.entry(key).or_default().push_back(idx);
                 self.msgs.insert(idx, (msg, data, term));
                 self.push(
                     at,
                     Ev::Deliver {
                         to: 1 - i,
                         conn,
-                        msg_idx: idx,
+                        meta: ch == Channel::Meta,
                     },
                 );
             }
@@ -1063,16 +1073,47 @@ impl Sim {
                 }
                 self.drain(node);
             }
-            Ev::Close { conn, .. } => {
+            Ev::Close { to, conn } => {
                 if self.conn == Some(conn) {
-                    self.break_conn("closed by peer");
+                    // The peer reads everything sent before the close first (TCP FIN),
+                    // also what a cut or a pause held back behind it.
+                    for ch in [Channel::Data, Channel::Meta] {
+                        let pending = self.chan_fifo.get(&(to, ch)).map_or(0, |q| q.len());
+                        for _ in 0..pending {
+                            self.run_event(Ev::Deliver {
+                                to,
+                                conn,
+                                meta: ch == Channel::Meta,
+                            });
+                            if self.conn != Some(conn) {
+                                break;
+                            }
+                        }
+                    }
+                    if self.conn == Some(conn) {
+                        self.break_conn("closed by peer");
+                    }
                 }
             }
-            Ev::Deliver { to, conn, msg_idx } => {
+            Ev::Deliver { to, conn, meta } => {
+                // A connection that is gone carries nothing more (its messages went with
+                // it); on the live one, whichever delivery fires, the oldest message of
+                // its channel arrives.
+                if self.conn != Some(conn) {
+                    return;
+                }
+                let ch = if meta { Channel::Meta } else { Channel::Data };
+                let Some(msg_idx) = self
+                    .chan_fifo
+                    .get_mut(&(to, ch))
+                    .and_then(|q| q.pop_front())
+                else {
+                    return;
+                };
                 let Some((msg, data, term)) = self.msgs.remove(&msg_idx) else {
                     return;
                 };
-                if self.conn != Some(conn) || self.nodes[to].res.is_none() {
+                if self.nodes[to].res.is_none() {
                     return;
                 }
                 let buf = data.map(|d| {
@@ -1644,7 +1685,7 @@ fn commit_base() -> Option<(String, u64)> {
 /// they are just more seeds.)
 #[test]
 fn simulator_regression_seeds() {
-    let seeds: [(u64, Protocol, bool, &str); 7] = [
+    let seeds: [(u64, Protocol, bool, &str); 9] = [
         (
             12648815,
             Protocol::C,
@@ -1687,6 +1728,18 @@ fn simulator_regression_seeds() {
             true,
             "a resync ack cleared the bit of a write that failed on the primary",
         ),
+        (
+            40004586,
+            Protocol::C,
+            true,
+            "the simulated network let a message overtake one held behind a cut",
+        ),
+        (
+            50003146,
+            Protocol::C,
+            true,
+            "a failed flush on a just-demoted primary left both nodes outdated",
+        ),
     ];
     // `mixed`: found with the seed's own fault mix; the others were found before the mix
     // existed and run without its faults (`TANDEM_SIM_MIX=none` replays them that way).
@@ -1699,6 +1752,17 @@ fn simulator_regression_seeds() {
         let how = if mixed { "" } else { " TANDEM_SIM_MIX=none" };
         if let Err(e) = run_witness_seed_with(seed, protocol, false, mix) {
             panic!("TANDEM_SEED={seed} TANDEM_PROTOCOL={protocol:?}{how} (once: {what}): {e}");
+        }
+    }
+    // Seeds of the runs without a witness (`simulator_many_seeds_converge`).
+    let plain: [(u64, Protocol, &str); 1] = [(
+        50001642,
+        Protocol::C,
+        "repeated promotions alone pushed the peer's generation out of the history",
+    )];
+    for (seed, protocol, what) in plain {
+        if let Err(e) = run_seed(seed, protocol, false) {
+            panic!("TANDEM_SEED={seed} TANDEM_PROTOCOL={protocol:?} cargo test --test sim simulator_many_seeds_converge (once: {what}): {e}");
         }
     }
 }

@@ -1120,8 +1120,11 @@ impl Resource {
                 if !ok {
                     // Which completed writes did not reach the platter is unknown: every
                     // recent one counts as out of sync (the activity log covers them).
+                    // This node's own writes: its data is no older than the peer's, so it
+                    // is not outdated for it (a demotion may have made it secondary
+                    // meanwhile); the resync settles the blocks.
                     self.mark_active_extents_out_of_sync();
-                    self.local_disk_failed("the disk failed a flush".into(), true);
+                    self.local_disk_failed("the disk failed a flush".into(), false);
                 }
                 self.check_flushes();
             }
@@ -1872,10 +1875,20 @@ impl Resource {
         self.primary_lost_at = None;
         self.want_promote = None;
         let was_just_created = self.sb.gen.current == uuid::UUID_JUST_CREATED;
-        if !self.replicating() || was_just_created {
+        // As DRBD: a primary without its peer starts a new generation, unless it already
+        // writes one the peer lacks (a bitmap UUID is set: the bitmap counts from there)
+        // and is not forced. Rotating on every such promotion would push the generation
+        // the peer holds out of the short history, and turn a plain resync into a split
+        // brain (simulator seed 50001642 in C: a node promoted alone five times).
+        let diverged = self.sb.gen.bitmap != 0;
+        if was_just_created || (!self.replicating() && (force || !diverged)) {
             let fresh = self.rng.next_u64();
             self.sb.gen.new_current(fresh);
             self.sb.gen_term = self.sb.term;
+        } else if !self.replicating() {
+            // Writing on in this generation, now in this term: what the older-term rule
+            // compares after a split brain.
+            self.sb.gen_term = self.sb.gen_term.max(self.sb.term);
         }
         self.role = Role::Primary;
         self.sb.set(meta::FLAG_PRIMARY_ACTIVE, true);
