@@ -421,3 +421,40 @@ fn a_failed_metadata_write_holds_io_and_is_written_again() {
     assert_eq!(o.r.status().last_error, None);
     let _ = IoId(0);
 }
+
+#[test]
+fn a_promotion_refused_for_a_running_lease_is_asked_again_when_it_ends() {
+    let mut o = One::with(Protocol::C, |p| {
+        p.witness = true;
+        p.fencing = tandem::core::quorum::Fencing::Resource;
+    });
+    o.finish_meta();
+    o.r.handle_admin(Instant(10), AdminCmd::Promote { force: false })
+        .expect("promote");
+    o.drain();
+    let mut busy = reply(false, 1, &["alpha", "beta"]);
+    busy.primary = "beta".into();
+    busy.lease_ms = 37;
+    o.r.handle_witness_reply(Instant(10), Some(busy));
+    assert!(
+        witness_requests(&o.drain()).is_empty(),
+        "asked again at once"
+    );
+    let mut now = Instant(10);
+    loop {
+        now = now.max(o.r.poll_timeout().expect("a timer"));
+        o.r.handle_timeout(now);
+        if witness_requests(&o.drain())
+            .iter()
+            .any(|q| q.op == Op::Promote)
+        {
+            break;
+        }
+        assert!(now.0 < 1000, "never asked again");
+    }
+    assert_eq!(
+        now.ms_since(Instant(10)),
+        38,
+        "asked again right after the lease"
+    );
+}

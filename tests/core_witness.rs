@@ -547,3 +547,15 @@ fn an_adopted_term_lets_the_primary_renew() {
     // Adopting again is refused: the term is the witness's now.
     assert!(!apply(&mut w, now, "beta", &adopt(6, false, "")).granted);
 }
+
+#[test]
+fn a_promotion_refused_for_a_running_lease_says_how_long_it_runs() {
+    let (mut w, now) = witness(1, Some("alpha"), &["alpha", "beta"], true);
+    let later = now.plus_ms(1500);
+    let r = apply(&mut w, later, "beta", &req(Op::Promote, 1, "", true));
+    assert!(!r.granted && r.reason.contains("lease"), "{r:?}");
+    assert_eq!(r.lease_ms, LEASE - 1500, "the time left of alpha's lease");
+    // Other refusals carry no such time.
+    let r = apply(&mut w, later, "beta", &req(Op::Renew, 1, "", true));
+    assert!(!r.granted && r.lease_ms == 0, "{r:?}");
+}

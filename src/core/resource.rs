@@ -1923,7 +1923,7 @@ impl Resource {
         match reply {
             None => {
                 self.wl.reachable = false;
-                self.wl.back_off(now, op, self.p.lease_ms);
+                self.wl.back_off(now, op, self.p.lease_ms, 0);
                 self.note_witness_trouble(Some("unreachable".into()));
                 if op == WitnessOp::Promote && self.role != Role::Primary {
                     self.set_promote_uncertain(true);
@@ -1944,7 +1944,7 @@ impl Resource {
                 if r.granted {
                     self.wl.granted();
                 } else if op != WitnessOp::Query {
-                    self.wl.back_off(now, op, self.p.lease_ms);
+                    self.wl.back_off(now, op, self.p.lease_ms, r.lease_ms);
                 }
                 self.note_witness_reply(op, &r);
                 match op {

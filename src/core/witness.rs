@@ -81,7 +81,8 @@ pub struct Reply {
     pub granted: bool,
     /// The resource's current term (after the request).
     pub term: u64,
-    /// For a granted lease: its length, counted by the witness from receipt.
+    /// For a granted lease: its length, counted by the witness from receipt. For a
+    /// promotion refused because another node's lease runs: how long it still runs.
     pub lease_ms: u64,
     pub primary: String,
     pub up_to_date: Vec<String>,
@@ -286,8 +287,16 @@ impl Witness {
             },
         };
         if let Some(why) = refused {
+            let mut reply = refusal(&cur, why);
+            if req.op == Op::Promote && live && cur.primary.as_deref() != Some(node) {
+                // When the lease that blocks it runs out: the node asks again then.
+                reply.lease_ms = self
+                    .leases
+                    .get(&req.resource)
+                    .map_or(0, |t| t.ms_since(now));
+            }
             return Outcome {
-                reply: refusal(&cur, why),
+                reply,
                 persist: None,
             };
         }

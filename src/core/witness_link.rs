@@ -55,17 +55,22 @@ impl WitnessLink {
     }
 
     /// The witness refused `op` or did not answer: wait before asking again, longer each
-    /// time from `lease_ms / 10` up to `lease_ms / 3` (a promotion retries at the
-    /// shortest, so a failover is not delayed). The retry happens at the back-off's end.
-    pub fn back_off(&mut self, now: Instant, op: Op, lease_ms: u64) {
+    /// time from `lease_ms / 10` up to `lease_ms / 3`. A promotion refused because the
+    /// old primary's lease still runs (`lease_left_ms`, from the witness) is asked again
+    /// the moment that lease ends, so a failover is not delayed by the back-off. The
+    /// retry happens at the back-off's end.
+    pub fn back_off(&mut self, now: Instant, op: Op, lease_ms: u64, lease_left_ms: u64) {
         let first = (lease_ms / 10).max(10);
         let cap = (lease_ms / 3).max(first);
-        self.backoff_ms = match op {
-            Op::Promote => first,
+        let wait = match op {
+            Op::Promote if lease_left_ms > 0 => lease_left_ms.min(lease_ms).saturating_add(1),
             _ if self.backoff_ms == 0 => first,
             _ => self.backoff_ms.saturating_mul(2).min(cap),
         };
-        self.not_before = now.plus_ms(self.backoff_ms);
+        if !(op == Op::Promote && lease_left_ms > 0) {
+            self.backoff_ms = wait;
+        }
+        self.not_before = now.plus_ms(wait);
         self.next_at = self.next_at.min(self.not_before);
     }
 
