@@ -345,6 +345,18 @@ fn rule_table() {
             true,
         ),
         (
+            "a witness restored from an old copy is raised to the pair's term",
+            3,
+            Some("beta"),
+            &["beta"],
+            false,
+            "alpha",
+            adopt(7, true, ""),
+            true,
+            7,
+            true,
+        ),
+        (
             "adopt never lowers a term the witness holds",
             9,
             Some("beta"),
@@ -544,8 +556,8 @@ fn an_adopted_term_lets_the_primary_renew() {
     assert!(r.granted && r.term == 5 && r.primary == "alpha", "{r:?}");
     assert_eq!(r.up_to_date, vec!["alpha".to_string(), "beta".to_string()]);
     assert!(apply(&mut w, now, "alpha", &req(Op::Renew, 5, "", true)).granted);
-    // Adopting again is refused: the term is the witness's now.
-    assert!(!apply(&mut w, now, "beta", &adopt(6, false, "")).granted);
+    // Adopting the same term again is refused: it is the witness's now.
+    assert!(!apply(&mut w, now, "beta", &adopt(5, false, "")).granted);
 }
 
 #[test]

@@ -70,7 +70,7 @@ enum Cmd {
     },
     /// Make this node secondary. Refused while the device is mounted or held open.
     Demote { resource: String },
-    /// Put a new or emptied witness in service: it takes this pair's term (run on the
+    /// Put a new, emptied or restored witness in service: it takes this pair's term (run on the
     /// primary, with the peer connected).
     AdoptWitness {
         resource: String,

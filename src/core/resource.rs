@@ -116,7 +116,7 @@ pub enum AdminCmd {
     /// Demote, then have the peer take over once it is up to date (the services are
     /// the driver's to stop first). Answered when the peer reports itself primary.
     Switchover,
-    /// Put a new or emptied witness in service: it takes this pair's term (see
+    /// Put a new, emptied or restored witness in service: it takes this pair's term (see
     /// [`witness::Op::Adopt`]). Needs the peer connected, so that this node's term is
     /// the pair's highest, unless `force` (the peer is gone for good).
     AdoptWitness {
@@ -2005,7 +2005,7 @@ impl Resource {
     fn note_witness_reply(&mut self, op: WitnessOp, r: &witness::Reply) {
         let trouble = if r.term < self.sb.term {
             Some(format!(
-                "the witness is at term {}, this node at term {}: it is new or lost its state; run `tandemctl adopt-witness {}` on the primary",
+                "the witness is at term {}, this node at term {}: it is new, lost its state or was restored from an old copy; run `tandemctl adopt-witness {}` on the primary",
                 r.term, self.sb.term, self.p.resource
             ))
         } else {

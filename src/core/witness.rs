@@ -35,10 +35,10 @@ pub enum Op {
     Release = 5,
     /// Read the resource's state.
     Query = 6,
-    /// Put a new (or emptied) witness in service for a pair that has run before: the
-    /// witness takes the asking node's `term` (the pair's highest), makes it primary if
-    /// it says so (`peer` empty) and records the up-to-date set. Granted only while the
-    /// witness holds no term for the resource, so it can never lower a term.
+    /// Put a new, emptied or restored witness in service for a pair that has run before:
+    /// the witness takes the asking node's `term` (the pair's highest), makes it primary
+    /// if it says it is, and records the up-to-date set (the node, and `peer` if named).
+    /// Granted only when that term is above the witness's, so it never lowers a term.
     Adopt = 7,
 }
 
@@ -181,13 +181,13 @@ impl Witness {
             req.term == st.term && st.primary.as_deref() == Some(node) && st.term > 0;
         let refused: Option<String> = match req.op {
             Op::Query => None,
-            Op::Adopt if st.term > 0 => Some(format!(
-                "the witness already holds term {} for {}: adopt is only for a new or emptied witness",
-                st.term, req.resource
-            )),
             Op::Adopt if req.term == 0 => {
                 Some("adopt needs the pair's term (the node has none)".into())
             }
+            Op::Adopt if st.term >= req.term => Some(format!(
+                "the witness already holds term {} for {} (the node: {}): adopt only raises a witness that is behind the pair",
+                st.term, req.resource, req.term
+            )),
             Op::Adopt => {
                 st.term = req.term;
                 st.primary = req.primary.then(|| node.to_string());
@@ -204,11 +204,7 @@ impl Witness {
                 "term {} is newer than the witness's {}{}",
                 req.term,
                 st.term,
-                if st.term == 0 {
-                    ": this witness is new or lost its state; run `tandemctl adopt-witness` on the pair's primary"
-                } else {
-                    ""
-                }
+                ": this witness is new, lost its state or was restored from an old copy; run `tandemctl adopt-witness` on the pair's primary"
             )),
             Op::Renew | Op::Outdate | Op::UpToDate | Op::Release if req.term < st.term => Some(
                 format!("stale term {} (current {})", req.term, st.term),
