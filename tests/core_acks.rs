@@ -3,7 +3,7 @@
 //! handover after services failed to start, and the flush a demotion runs first.
 
 use tandem::core::quorum::Fencing;
-use tandem::core::resource::{Action, AdminCmd, AdminReply, IoId, ReqId, Role};
+use tandem::core::resource::{Action, AdminCmd, AdminError, AdminReply, IoId, ReqId, Role};
 use tandem::core::wire::{Msg, HELLO_PRIMARY};
 use tandem::core::{Instant, Protocol};
 
@@ -135,11 +135,14 @@ fn size_mismatch_is_refused_with_a_clear_error() {
     assert!(acts.iter().any(
         |a| matches!(a, Action::Disconnect { reason } if reason.contains("sizes must match"))
     ));
-    assert_ne!(o.r.status().replication, "established");
+    assert_ne!(
+        o.r.status().replication,
+        tandem::core::resource::Replication::Established
+    );
 }
 
 /// The fence-peer runs the core asked for, and the admin outcomes it reported.
-fn fence_runs_and_outcomes(acts: &[Action]) -> (usize, Vec<Result<(), String>>) {
+fn fence_runs_and_outcomes(acts: &[Action]) -> (usize, Vec<Result<(), AdminError>>) {
     let runs = acts
         .iter()
         .filter(|a| matches!(a, Action::FencePeer { .. }))
@@ -168,7 +171,7 @@ fn stonith_promotion_waits_for_the_fence_peer_handler() {
     let (runs, done) = fence_runs_and_outcomes(&o.drain());
     assert_eq!(runs, 0);
     assert!(
-        matches!(&done[..], [Err(e)] if e.contains("unreachable")),
+        matches!(&done[..], [Err(AdminError::FencePeer(e))] if e.contains("unreachable")),
         "{done:?}"
     );
     assert_eq!(o.r.role(), Role::Secondary);

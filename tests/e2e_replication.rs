@@ -475,6 +475,15 @@ fn bad_input_gets_a_clear_error_and_the_daemon_keeps_serving() {
         .child
         .as_mut()
         .is_some_and(|ch| ch.try_wait().ok().flatten().is_none()));
+    // The human form, DRBD-like.
+    let human = c.ctl(0, &["status"]);
+    assert!(
+        human.contains("r0 role:primary disk:uptodate protocol:C device:")
+            && human.contains(
+                "beta connection:connected replication:established role:secondary disk:uptodate"
+            ),
+        "{human}"
+    );
 
     // A corrupted superblock: the daemon refuses to start, and says why.
     c.ctl(0, &["demote", "r0"]);

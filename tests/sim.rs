@@ -1844,7 +1844,8 @@ fn split_brain_is_detected_on_both_nodes_and_resolved_by_discard_my_data() {
                 "{protocol:?}: node {i} must report split brain: {st:?}"
             );
             assert_eq!(
-                st.connection, "standalone",
+                st.connection,
+                tandem::core::resource::Link::Standalone,
                 "{protocol:?}: never resolved silently"
             );
         }

@@ -9,9 +9,11 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use tandem::config::Config;
 use tandem::core::meta;
+use tandem::core::resource::Replication;
 use tandem::shell::control::{Client, Request};
 use tandem::shell::md;
 use tandem::shell::process;
+use tandem::shell::status::ResourceStatus;
 
 #[derive(Parser)]
 #[command(name = "tandemctl", about = "Manage Tandem replicated devices")]
@@ -281,54 +283,57 @@ fn call_daemon(socket: &Path, req: Request, json: bool) -> anyhow::Result<()> {
 }
 
 /// DRBD-like human status: the resource line, then the peer line.
-fn print_status(s: &serde_json::Value) {
-    let g = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
-    let n = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-    let p = |k: &str| {
-        s.get("peer")
-            .and_then(|p| p.get(k))
-            .and_then(|v| v.as_str())
-            .unwrap_or("?")
-            .to_string()
-    };
+fn print_status(s: &ResourceStatus) {
+    let c = &s.core;
     println!(
         "{} role:{} disk:{} protocol:{} device:{}",
-        g("name"),
-        g("role"),
-        g("disk"),
-        g("protocol"),
-        s.get("device").and_then(|v| v.as_str()).unwrap_or("-")
+        c.name,
+        name(&c.role),
+        name(&c.disk),
+        c.protocol.as_str(),
+        s.device.as_deref().unwrap_or("-")
     );
     println!(
         "  {} connection:{} replication:{} role:{} disk:{}",
-        p("name"),
-        g("connection"),
-        g("replication"),
-        p("role"),
-        p("disk")
+        c.peer.name,
+        name(&c.connection),
+        c.replication.as_str(),
+        name(&c.peer.role),
+        name(&c.peer.disk)
     );
-    let oos = n("out_of_sync_bytes");
-    if oos > 0 {
-        println!("  out-of-sync: {oos} bytes");
+    if c.out_of_sync_bytes > 0 {
+        println!("  out-of-sync: {} bytes", c.out_of_sync_bytes);
     }
-    if let Some(r) = s.get("resync") {
-        let total = r.get("total_bytes").and_then(|v| v.as_u64()).unwrap_or(0);
-        let done = r.get("done_bytes").and_then(|v| v.as_u64()).unwrap_or(0);
-        let repl = g("replication");
-        if total > 0 && (repl == "sync-source" || repl == "sync-target") {
-            println!(
-                "  resync: {done} of {total} bytes ({}%) at {} bytes/s",
-                done * 100 / total.max(1),
-                r.get("bytes_per_sec").and_then(|v| v.as_u64()).unwrap_or(0)
-            );
-        }
+    let (done, total) = (c.resync.done_bytes, c.resync.total_bytes);
+    if total > 0
+        && matches!(
+            c.replication,
+            Replication::SyncSource | Replication::SyncTarget
+        )
+    {
+        println!(
+            "  resync: {done} of {total} bytes ({}%) at {} bytes/s",
+            done * 100 / total.max(1),
+            c.resync.bytes_per_sec
+        );
     }
-    if s.get("split_brain").and_then(|v| v.as_bool()) == Some(true) {
-        println!("  SPLIT BRAIN: resolve with `tandemctl connect {} --discard-my-data` on the node whose changes to throw away", g("name"));
+    if c.split_brain {
+        println!("  SPLIT BRAIN: resolve with `tandemctl connect {} --discard-my-data` on the node whose changes to throw away", c.name);
     }
-    if let Some(e) = s.get("last_error").and_then(|v| v.as_str()) {
+    if let Some(p) = &c.witness.problem {
+        println!("  witness: {p}");
+    }
+    if let Some(e) = &c.last_error {
         println!("  last error: {e}");
     }
+}
+
+/// The name `status --json` uses for a state, for the human form too.
+fn name(v: &impl serde::Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn main() -> ExitCode {

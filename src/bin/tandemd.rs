@@ -495,6 +495,13 @@ async fn serve_control(mut s: UnixStream, daemon: Arc<Daemon>) {
                 "the control socket is root-only (this client runs as uid {}); run tandemctl as root",
                 c.uid()
             ));
+            // Its request first (bounded), so the answer does not race its write.
+            let mut r = BufReader::new(&mut s);
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                control::read_line(&mut r),
+            )
+            .await;
             let _ = s.write_all(format!("{}\n", to_line(&why)).as_bytes()).await;
             return;
         }

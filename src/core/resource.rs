@@ -48,7 +48,7 @@ pub struct IoId(pub u64);
 /// never collide with the driver's own buffer names.
 pub const CORE_BUF_BIT: u64 = 1 << 63;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Primary,
@@ -56,7 +56,7 @@ pub enum Role {
     Unknown,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskState {
     UpToDate,
@@ -148,6 +148,21 @@ pub enum AdminError {
     NoWitness,
     #[error("the peer is not connected, so this node's term may not be the pair's highest; connect it first, or use --force if it is gone for good")]
     AdoptNeedsPeer,
+    // Outcomes of commands answered later (`Action::AdminDone`).
+    #[error("the witness did not answer")]
+    WitnessSilent,
+    #[error("the witness refused: {0}")]
+    WitnessRefused(String),
+    #[error("the grant arrived after its lease had run out")]
+    GrantExpired,
+    #[error("demoted, but the peer did not take over in time; promote one node by hand")]
+    PeerDidNotTakeOver,
+    #[error("this node was made secondary meanwhile (a newer term)")]
+    ReplacedMeanwhile,
+    #[error("the flush before the demotion failed; still primary")]
+    FlushFailed,
+    #[error("fence-peer: {0}; not promoting")]
+    FencePeer(String),
 }
 
 /// How an accepted admin command ends.
@@ -232,7 +247,7 @@ pub enum Action {
         timeout_ms: u64,
     },
     /// The outcome of an admin command that returned [`AdminReply::Pending`].
-    AdminDone(Result<(), String>),
+    AdminDone(Result<(), AdminError>),
     /// Fail back: the preferred node (the peer) has been in sync long enough; the driver
     /// runs a switchover (services first) as if an operator had asked.
     FailBack,
@@ -295,14 +310,60 @@ pub struct StateKey {
     pub suspended: bool,
 }
 
-/// A point-in-time view for `status`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// The peer connection as `status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Link {
+    Standalone,
+    Connecting,
+    Connected,
+}
+
+/// What the connection does, as `status` names it (DRBD's replication states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Replication {
+    Off,
+    Handshake,
+    WfBitmap,
+    Established,
+    SyncSource,
+    SyncTarget,
+}
+
+impl Replication {
+    /// The name `status` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Replication::Off => "off",
+            Replication::Handshake => "handshake",
+            Replication::WfBitmap => "wf-bitmap",
+            Replication::Established => "established",
+            Replication::SyncSource => "sync-source",
+            Replication::SyncTarget => "sync-target",
+        }
+    }
+}
+
+/// How the node reaches its witness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WitnessLinkState {
+    /// No witness configured.
+    None,
+    Connected,
+    Unreachable,
+}
+
+/// A point-in-time view for `status`: the core's part of what `tandemctl status --json`,
+/// `/health` and `/metrics` show (the shell adds its own, `shell::status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     pub name: String,
     pub role: Role,
     pub disk: DiskState,
-    pub connection: &'static str,
-    pub replication: &'static str,
+    pub connection: Link,
+    pub replication: Replication,
     pub peer: PeerStatus,
     pub quorum: bool,
     pub term: u64,
@@ -313,7 +374,7 @@ pub struct Status {
     pub suspended: bool,
     pub lease_ms_left: u64,
     pub witness: WitnessStatus,
-    pub protocol: &'static str,
+    pub protocol: Protocol,
     pub out_of_sync_bytes: u64,
     pub resync: ResyncStatus,
     pub split_brain: bool,
@@ -326,17 +387,19 @@ pub struct Status {
     pub disk_errors: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerStatus {
     pub name: String,
     pub role: Role,
     pub disk: DiskState,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WitnessStatus {
-    /// "none" (not configured), "connected", "unreachable".
-    pub connection: &'static str,
+    pub connection: WitnessLinkState,
+    /// Where the witness listens (the shell fills it in; absent without a witness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     pub last_reply_ms_ago: Option<u64>,
     /// The witness's view as of its last reply.
     pub primary: String,
@@ -346,14 +409,14 @@ pub struct WitnessStatus {
     pub problem: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResyncStatus {
     pub done_bytes: u64,
     pub total_bytes: u64,
     pub bytes_per_sec: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GenStatus {
     pub current: String,
     pub bitmap: String,
@@ -840,13 +903,15 @@ impl Resource {
 
     pub fn status(&self) -> Status {
         let (connection, replication) = match self.conn {
-            Conn::StandAlone => ("standalone", "off"),
-            Conn::Connecting => ("connecting", "off"),
-            Conn::WfHello => ("connected", "handshake"),
-            Conn::WfBitmap { .. } | Conn::SyncStarting { .. } => ("connected", "wf-bitmap"),
-            Conn::Established => ("connected", "established"),
-            Conn::SyncSource => ("connected", "sync-source"),
-            Conn::SyncTarget => ("connected", "sync-target"),
+            Conn::StandAlone => (Link::Standalone, Replication::Off),
+            Conn::Connecting => (Link::Connecting, Replication::Off),
+            Conn::WfHello => (Link::Connected, Replication::Handshake),
+            Conn::WfBitmap { .. } | Conn::SyncStarting { .. } => {
+                (Link::Connected, Replication::WfBitmap)
+            }
+            Conn::Established => (Link::Connected, Replication::Established),
+            Conn::SyncSource => (Link::Connected, Replication::SyncSource),
+            Conn::SyncTarget => (Link::Connected, Replication::SyncTarget),
         };
         let elapsed_ms = self.now.ms_since(self.resync_started).max(1);
         let syncing = matches!(self.conn, Conn::SyncSource | Conn::SyncTarget);
@@ -881,16 +946,17 @@ impl Resource {
             },
             witness: WitnessStatus {
                 connection: match (self.p.witness, self.wl.reachable) {
-                    (false, _) => "none",
-                    (true, true) => "connected",
-                    (true, false) => "unreachable",
+                    (false, _) => WitnessLinkState::None,
+                    (true, true) => WitnessLinkState::Connected,
+                    (true, false) => WitnessLinkState::Unreachable,
                 },
+                address: None,
                 last_reply_ms_ago: self.wl.last_reply.map(|t| self.now.ms_since(t)),
                 primary: self.wl.primary.clone(),
                 up_to_date: self.wl.up_to_date.clone(),
                 problem: self.wl.trouble.clone(),
             },
-            protocol: self.p.protocol.as_str(),
+            protocol: self.p.protocol,
             out_of_sync_bytes: self.bitmap.out_of_sync_bytes(),
             resync: ResyncStatus {
                 done_bytes: self.resync_done_bytes,
@@ -1009,10 +1075,8 @@ impl Resource {
                 }
                 Timer::Switchover => {
                     self.switchover_until = None;
-                    self.actions.push_back(Action::AdminDone(Err(
-                        "demoted, but the peer did not take over in time; promote one node by hand"
-                            .into(),
-                    )));
+                    self.actions
+                        .push_back(Action::AdminDone(Err(AdminError::PeerDidNotTakeOver)));
                 }
                 Timer::AutoPromote => {
                     if self.auto_promote_possible() {
@@ -1658,7 +1722,7 @@ impl Resource {
         {
             return Err(AdminError::PeerNotReady(format!(
                 "replication {}, peer disk {:?}, {} bytes out of sync",
-                self.status().replication,
+                self.status().replication.as_str(),
                 self.peer_disk,
                 self.bitmap.out_of_sync_bytes()
             )));
@@ -1927,10 +1991,10 @@ impl Resource {
                 self.note_witness_trouble(Some("unreachable".into()));
                 if op == WitnessOp::Promote && self.role != Role::Primary {
                     self.set_promote_uncertain(true);
-                    self.promote_refused("the witness did not answer".into(), false);
+                    self.promote_refused(AdminError::WitnessSilent, false);
                 }
                 if op == WitnessOp::Adopt {
-                    self.adopt_done(Err("the witness did not answer".into()));
+                    self.adopt_done(Err(AdminError::WitnessSilent));
                 }
             }
             Some(r) => {
@@ -1955,7 +2019,7 @@ impl Resource {
                         let me = &self.p.local_node;
                         let outdated = !r.up_to_date.is_empty() && !r.up_to_date.contains(me);
                         self.promote_refused(
-                            format!("the witness refused: {}", r.reason),
+                            AdminError::WitnessRefused(r.reason.clone()),
                             outdated,
                         );
                     }
@@ -1976,7 +2040,7 @@ impl Resource {
                     WitnessOp::Adopt => self.adopt_done(if r.granted {
                         Ok(())
                     } else {
-                        Err(format!("the witness refused: {}", r.reason))
+                        Err(AdminError::WitnessRefused(r.reason.clone()))
                     }),
                     _ => {}
                 }
@@ -2105,7 +2169,7 @@ impl Resource {
     }
 
     /// `tandemctl adopt-witness` has its answer.
-    fn adopt_done(&mut self, r: Result<(), String>) {
+    fn adopt_done(&mut self, r: Result<(), AdminError>) {
         if self.wl.adopt.take().is_none() {
             return;
         }
@@ -2155,7 +2219,7 @@ impl Resource {
                 if self.p.witness {
                     self.witness_tick(false);
                 } else if let Some(w) = self.want_promote.take() {
-                    let r = self.promote(false).map_err(|e| e.to_string());
+                    let r = self.promote(false);
                     if w.manual {
                         self.actions.push_back(Action::AdminDone(r));
                     }
@@ -2163,13 +2227,13 @@ impl Resource {
             }
             Err(why) => {
                 self.fence = FenceRun::NotRun;
-                let why = format!("fence-peer: {why}; not promoting");
-                tracing::error!(resource = %self.p.resource, peer = %self.p.peer_node, "{why}");
-                self.last_error = Some(why.clone());
+                let err = AdminError::FencePeer(why.to_string());
+                tracing::error!(resource = %self.p.resource, peer = %self.p.peer_node, "{err}");
+                self.last_error = Some(err.to_string());
                 // Not retried: whether the peer is really gone is for the operator now.
                 if let Some(w) = self.want_promote.take() {
                     if w.manual {
-                        self.actions.push_back(Action::AdminDone(Err(why)));
+                        self.actions.push_back(Action::AdminDone(Err(err)));
                     }
                 }
             }
@@ -2237,10 +2301,7 @@ impl Resource {
             // The answer sat unread past its lease (the process was paused): the witness
             // may have granted a newer term since, to a peer with writes this node lacks.
             tracing::warn!(resource = %self.p.resource, term, "the witness's grant arrived after its lease ran out; not promoting on it");
-            self.promote_refused(
-                "the grant arrived after its lease had run out".into(),
-                false,
-            );
+            self.promote_refused(AdminError::GrantExpired, false);
             return;
         }
         let want = self.want_promote.take();
@@ -2270,8 +2331,7 @@ impl Resource {
                 self.wl.release_pending = true;
                 self.votes.lease_until = None;
                 if manual {
-                    self.actions
-                        .push_back(Action::AdminDone(Err(e.to_string())));
+                    self.actions.push_back(Action::AdminDone(Err(e)));
                 }
             }
         }
@@ -2279,7 +2339,7 @@ impl Resource {
         self.persist_superblock();
     }
 
-    fn promote_refused(&mut self, why: String, outdated: bool) {
+    fn promote_refused(&mut self, why: AdminError, outdated: bool) {
         let Some(w) = self.want_promote else {
             return;
         };
@@ -3003,13 +3063,13 @@ impl Resource {
         let switchover = cmd == AdminCmd::Switchover;
         let r = if self.role != Role::Primary {
             match switchover {
-                true => Err("this node was made secondary meanwhile (a newer term)".to_string()),
+                true => Err(AdminError::ReplacedMeanwhile),
                 false => Ok(()),
             }
         } else if !ok {
-            Err("the flush before the demotion failed; still primary".to_string())
+            Err(AdminError::FlushFailed)
         } else {
-            self.demote_now(cmd).map(|_| ()).map_err(|e| e.to_string())
+            self.demote_now(cmd).map(|_| ())
         };
         // A switchover goes on until the peer reports itself primary.
         if r.is_err() || !switchover {

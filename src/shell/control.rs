@@ -105,7 +105,7 @@ pub struct Reply {
     pub error: Option<String>,
     /// For `status`: one object per resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<Vec<serde_json::Value>>,
+    pub status: Option<Vec<crate::shell::status::ResourceStatus>>,
 }
 
 impl Reply {
@@ -181,8 +181,12 @@ impl Client {
     }
 
     pub async fn call(&mut self, req: &Request) -> Result<Reply, ClientError> {
-        self.send(req).await?;
-        let line = self.next_line().await?;
-        Ok(serde_json::from_str(&line)?)
+        let sent = self.send(req).await;
+        // A daemon that refuses this client (not root) may answer and close before the
+        // request is even written: its answer is still there to read.
+        match self.next_line().await {
+            Ok(line) => Ok(serde_json::from_str(&line)?),
+            Err(e) => Err(sent.err().unwrap_or(e)),
+        }
     }
 }

@@ -53,6 +53,7 @@ use crate::shell::frontend::{self, AppRequest, FuseDevice, FuseState, ReadDone, 
 use crate::shell::net::{self, Attached};
 use crate::shell::sendq::{self, SendQueue};
 use crate::shell::services::{self, Service};
+use crate::shell::status::{AppWrites, IoBackend, ResourceStatus, ServiceEntry, ServicesStatus};
 
 /// Buffers received from the peer; apart from application writes (their request
 /// number) and the core's own reads (`CORE_BUF_BIT`).
@@ -131,7 +132,7 @@ pub enum Event {
         reply: oneshot::Sender<Reply>,
     },
     Status {
-        reply: oneshot::Sender<serde_json::Value>,
+        reply: oneshot::Sender<ResourceStatus>,
     },
     /// Whether the device is still held, checked off the driver thread before `cmd`
     /// (`busy`: why it cannot go).
@@ -677,7 +678,7 @@ impl Driver {
             }
             Event::Admin { cmd, reply } => self.on_admin(now, cmd, reply),
             Event::Status { reply } => {
-                let _ = reply.send(self.status_json());
+                let _ = reply.send(self.status());
             }
             Event::DeviceChecked { cmd, reply, busy } => {
                 self.device_checking = false;
@@ -1369,7 +1370,7 @@ impl Driver {
                             self.peer.peer_node,
                             asked.elapsed().as_millis()
                         )),
-                        Err(e) => Reply::err(e),
+                        Err(e) => Reply::err(e.to_string()),
                     });
                 }
             }
@@ -1377,7 +1378,7 @@ impl Driver {
                 if let Some((r, ok)) = self.promote_reply.take() {
                     let _ = r.send(match result {
                         Ok(()) => Reply::ok(ok),
-                        Err(e) => Reply::err(e),
+                        Err(e) => Reply::err(e.to_string()),
                     });
                 }
             }
@@ -1602,56 +1603,38 @@ impl Driver {
         }
     }
 
-    fn status_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self.core.status()).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.insert(
-                "node".into(),
-                serde_json::Value::String(self.peer.local_node.clone()),
-            );
-            o.insert(
-                "app_writes".into(),
-                serde_json::json!({
-                    "completed": self.writes_done,
-                    "latency_us_sum": self.write_latency_us_sum,
-                }),
-            );
-            o.insert(
-                "services".into(),
-                serde_json::json!({
-                    "phase": self.promoter.phase(),
-                    "last_failure": self.promoter.last_failure(),
-                    "list": self.promoter.services().map(|(s, st)| serde_json::json!({"name": s.name, "state": st})).collect::<Vec<_>>(),
-                }),
-            );
-            o.insert(
-                "device".into(),
-                match &self.loop_dev {
-                    Some(_) => serde_json::Value::String(self.link.display().to_string()),
-                    None => serde_json::Value::Null,
-                },
-            );
-            if let Some(w) = self.peer.witness_addr {
-                if let Some(wv) = o.get_mut("witness").and_then(|w| w.as_object_mut()) {
-                    wv.insert("address".into(), serde_json::Value::String(w.to_string()));
-                }
-            }
-            o.insert(
-                "backing_disk".into(),
-                serde_json::Value::String(self.disk_path.display().to_string()),
-            );
-            o.insert(
-                "io_backend".into(),
-                serde_json::Value::String(
-                    match self.disk {
-                        Backing::Ring(_) => "io_uring",
-                        Backing::Thread(_) => "pread/pwrite",
-                    }
-                    .into(),
-                ),
-            );
+    fn status(&self) -> ResourceStatus {
+        let mut core = self.core.status();
+        core.witness.address = self.peer.witness_addr.map(|w| w.to_string());
+        ResourceStatus {
+            core,
+            node: self.peer.local_node.clone(),
+            device: self
+                .loop_dev
+                .as_ref()
+                .map(|_| self.link.display().to_string()),
+            backing_disk: self.disk_path.display().to_string(),
+            io_backend: match self.disk {
+                Backing::Ring(_) => IoBackend::IoUring,
+                Backing::Thread(_) => IoBackend::PreadPwrite,
+            },
+            app_writes: AppWrites {
+                completed: self.writes_done,
+                latency_us_sum: self.write_latency_us_sum,
+            },
+            services: ServicesStatus {
+                phase: self.promoter.phase(),
+                last_failure: self.promoter.last_failure().map(String::from),
+                list: self
+                    .promoter
+                    .services()
+                    .map(|(s, state)| ServiceEntry {
+                        name: s.name.clone(),
+                        state,
+                    })
+                    .collect(),
+            },
         }
-        v
     }
 
     fn report_changes(&mut self) {
@@ -1670,7 +1653,7 @@ impl Driver {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
-            "status": self.status_json(),
+            "status": self.status(),
         });
         let _ = self.events.send(ev.to_string());
     }

@@ -8,10 +8,11 @@
 //! - `GET /health`: 200 with every resource's status as JSON while the daemon answers.
 //! - `GET /metrics`: Prometheus text format.
 //!
-//! [`respond`] maps a path and the resources' status documents to a response; it does no
-//! I/O, so the routing rules are tested without a socket.
+//! [`respond`] maps a path and the resources' status ([`ResourceStatus`]) to a response;
+//! it does no I/O, so the routing rules are tested without a socket.
 
-use serde_json::Value;
+use crate::core::resource::{DiskState, Link, Role};
+use crate::shell::status::ResourceStatus;
 
 pub struct Response {
     pub code: u16,
@@ -27,29 +28,17 @@ fn text(code: u16, body: impl Into<String>) -> Response {
     }
 }
 
-/// Primary with the device attached and, when it has services, all of them running.
-pub fn serving_primary(s: &Value) -> bool {
-    s["role"] == "primary"
-        && !s["device"].is_null()
-        && matches!(s["services"]["phase"].as_str(), Some("running"))
-}
-
-/// Up-to-date secondary, established with its peer.
-pub fn healthy_replica(s: &Value) -> bool {
-    s["role"] == "secondary" && s["disk"] == "uptodate" && s["replication"] == "established"
-}
-
 /// The response for `GET path` given the status of every resource this node serves.
-pub fn respond(path: &str, statuses: &[Value]) -> Response {
+pub fn respond(path: &str, statuses: &[ResourceStatus]) -> Response {
     let path = path.split('?').next().unwrap_or(path);
     let mut parts = path.trim_matches('/').splitn(2, '/');
     let route = parts.next().unwrap_or("");
     let only = parts.next();
-    let chosen: Vec<&Value> = statuses
+    let chosen: Vec<&ResourceStatus> = statuses
         .iter()
-        .filter(|s| only.is_none_or(|r| s["name"] == r))
+        .filter(|s| only.is_none_or(|r| s.core.name == r))
         .collect();
-    let check = |ok: fn(&Value) -> bool, what: &str| {
+    let check = |ok: fn(&ResourceStatus) -> bool, what: &str| {
         if chosen.is_empty() {
             return text(404, format!("no such resource: {}\n", only.unwrap_or("")));
         }
@@ -60,8 +49,8 @@ pub fn respond(path: &str, statuses: &[Value]) -> Response {
         }
     };
     match route {
-        "primary" | "master" | "leader" => check(serving_primary, "primary"),
-        "replica" => check(healthy_replica, "replica"),
+        "primary" | "master" | "leader" => check(ResourceStatus::serving_primary, "primary"),
+        "replica" => check(ResourceStatus::healthy_replica, "replica"),
         "health" if only.is_none() => Response {
             code: 200,
             content_type: "application/json",
@@ -80,7 +69,7 @@ pub fn respond(path: &str, statuses: &[Value]) -> Response {
 }
 
 /// Prometheus text exposition of the resources' status.
-pub fn metrics(statuses: &[Value]) -> String {
+pub fn metrics(statuses: &[ResourceStatus]) -> String {
     let mut out = String::new();
     let mut family = |name: &str, help: &str, kind: &str, rows: Vec<(String, f64)>| {
         out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
@@ -88,113 +77,113 @@ pub fn metrics(statuses: &[Value]) -> String {
             out += &format!("{name}{{{labels}}} {v}\n");
         }
     };
-    let labels = |s: &Value| {
-        format!(
-            "resource=\"{}\",node=\"{}\"",
-            s["name"].as_str().unwrap_or(""),
-            s["node"].as_str().unwrap_or("")
-        )
-    };
-    let num = |v: &Value| v.as_f64().unwrap_or(0.0);
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
-    let each = |f: &dyn Fn(&Value) -> f64| -> Vec<(String, f64)> {
-        statuses.iter().map(|s| (labels(s), f(s))).collect()
+    let each = |f: &dyn Fn(&ResourceStatus) -> f64| -> Vec<(String, f64)> {
+        statuses
+            .iter()
+            .map(|s| {
+                (
+                    format!("resource=\"{}\",node=\"{}\"", s.core.name, s.node),
+                    f(s),
+                )
+            })
+            .collect()
     };
     family(
         "tandem_role_primary",
         "1 if this node is primary for the resource.",
         "gauge",
-        each(&|s| flag(s["role"] == "primary")),
+        each(&|s| flag(s.core.role == Role::Primary)),
     );
     family(
         "tandem_serving",
         "1 if primary with its services running (what /primary answers 200 for).",
         "gauge",
-        each(&|s| flag(serving_primary(s))),
+        each(&|s| flag(s.serving_primary())),
     );
     family(
         "tandem_disk_up_to_date",
         "1 if the local disk is up to date.",
         "gauge",
-        each(&|s| flag(s["disk"] == "uptodate")),
+        each(&|s| flag(s.core.disk == DiskState::UpToDate)),
     );
     family(
         "tandem_peer_connected",
         "1 if the replication link is established.",
         "gauge",
-        each(&|s| flag(s["connection"] == "connected")),
+        each(&|s| flag(s.core.connection == Link::Connected)),
     );
     family(
         "tandem_quorum",
         "1 if the node has quorum.",
         "gauge",
-        each(&|s| flag(s["quorum"] == true)),
+        each(&|s| flag(s.core.quorum)),
     );
     family(
         "tandem_degraded",
         "1 if the pair is connected but its witness does not work (no failover possible).",
         "gauge",
-        each(&|s| flag(s["degraded"] == true)),
+        each(&|s| flag(s.core.degraded)),
     );
     family(
         "tandem_witness_problem",
         "1 if the witness is unreachable, refuses what the node needs, or is behind the pair's term (status: witness.problem).",
         "gauge",
-        each(&|s| flag(!s["witness"]["problem"].is_null())),
+        each(&|s| flag(s.core.witness.problem.is_some())),
     );
     family(
         "tandem_disk_errors_total",
         "Requests the backing disk failed since the daemon started.",
         "counter",
-        each(&|s| num(&s["disk_errors"])),
+        each(&|s| s.core.disk_errors as f64),
     );
     family(
         "tandem_term",
         "The highest term this node has seen.",
         "gauge",
-        each(&|s| num(&s["term"])),
+        each(&|s| s.core.term as f64),
     );
     family(
         "tandem_lease_seconds_left",
         "Time left on the primary's witness lease.",
         "gauge",
-        each(&|s| num(&s["lease_ms_left"]) / 1000.0),
+        each(&|s| s.core.lease_ms_left as f64 / 1000.0),
     );
     family(
         "tandem_out_of_sync_bytes",
         "Bytes marked out of sync in the bitmap.",
         "gauge",
-        each(&|s| num(&s["out_of_sync_bytes"])),
+        each(&|s| s.core.out_of_sync_bytes as f64),
     );
     family(
         "tandem_resync_bytes_per_second",
         "Current resync rate.",
         "gauge",
-        each(&|s| num(&s["resync"]["bytes_per_sec"])),
+        each(&|s| s.core.resync.bytes_per_sec as f64),
     );
     family(
         "tandem_writes_in_flight",
         "Application writes not yet completed.",
         "gauge",
-        each(&|s| num(&s["writes_in_flight"])),
+        each(&|s| s.core.writes_in_flight as f64),
     );
     family(
         "tandem_flushes_in_flight",
         "Application flushes not yet completed.",
         "gauge",
-        each(&|s| num(&s["flushes_in_flight"])),
+        each(&|s| s.core.flushes_in_flight as f64),
     );
     family(
         "tandem_write_latency_seconds_sum",
         "Sum of application write latencies (arrival to completion, incl. the peer's ack).",
         "counter",
-        each(&|s| num(&s["app_writes"]["latency_us_sum"]) / 1e6),
+        each(&|s| s.app_writes.latency_us_sum as f64 / 1e6),
     );
     family(
         "tandem_write_latency_seconds_count",
         "Application writes completed.",
         "counter",
-        each(&|s| num(&s["app_writes"]["completed"])),
+        each(&|s| s.app_writes.completed as f64),
     );
     out
 }

@@ -12,4 +12,5 @@ pub mod net;
 pub mod process;
 pub mod sendq;
 pub mod services;
+pub mod status;
 pub mod watchdog;

@@ -90,7 +90,10 @@ impl One {
         let gen = self.r.generation();
         self.r
             .handle_peer_message(Instant(1), 0, peer_hello(self.r.data_bytes(), gen, 0), None);
-        assert_eq!(self.r.status().replication, "established");
+        assert_eq!(
+            self.r.status().replication,
+            tandem::core::resource::Replication::Established
+        );
         self.drain();
     }
 }
