@@ -1,10 +1,9 @@
-//! The backing-disk driver: io_uring with O_DIRECT and many requests in flight, or a
-//! pread/pwrite fallback where io_uring is not allowed (chosen at open, and logged).
-//!
-//! Requests go to one worker thread over a channel; completions come back through a
-//! callback, tagged with the caller's number. Buffers are 4 KiB aligned so that O_DIRECT
-//! accepts them, and shared (`Arc`) so that a write's payload is never copied between the
-//! network, the core and the disk.
+//! The backing disk: a [`Ring`] (io_uring, O_DIRECT, many requests in flight) that the
+//! resource's driver thread submits to and reaps itself, or, where io_uring is not
+//! allowed, a [`Disk`]: one pread/pwrite worker thread fed over a channel, its
+//! completions returned through a callback. Either way a request carries the caller's
+//! tag. Buffers are 4 KiB aligned so that O_DIRECT accepts them, and shared (`Arc`) so
+//! that a write's payload is never copied between the network, the core and the disk.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::HashMap;
@@ -14,7 +13,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -88,15 +87,9 @@ pub struct Completion {
     pub result: io::Result<Option<AlignedBuf>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    IoUring,
-    Sync,
-}
-
+/// The pread/pwrite backing disk: one worker thread.
 pub struct Disk {
     tx: Option<Sender<(u64, DiskOp)>>,
-    pub backend: Backend,
     pub direct: bool,
     pub size_bytes: u64,
     worker: Option<JoinHandle<()>>,
@@ -152,41 +145,16 @@ pub fn open_backing(path: &Path) -> io::Result<(File, bool, u64)> {
 }
 
 impl Disk {
-    /// Open the backing device with its own worker thread. `want_uring = false` forces
-    /// the pread/pwrite fallback.
-    pub fn open(
-        path: &Path,
-        want_uring: bool,
-        on_done: Box<dyn Fn(Completion) + Send>,
-    ) -> io::Result<Disk> {
+    /// Open the backing device with a pread/pwrite worker thread (the fallback where
+    /// io_uring is refused, or `--no-uring`).
+    pub fn open(path: &Path, on_done: Box<dyn Fn(Completion) + Send>) -> io::Result<Disk> {
         let (file, direct, size_bytes) = open_backing(path)?;
         let (tx, rx) = channel();
-        let ring = if want_uring {
-            match Ring::with_file(file.try_clone()?, direct, size_bytes) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(error = %e, "io_uring not available; using pread/pwrite");
-                    None
-                }
-            }
-        } else {
-            tracing::info!("io_uring disabled by configuration; using pread/pwrite");
-            None
-        };
-        let backend = if ring.is_some() {
-            Backend::IoUring
-        } else {
-            Backend::Sync
-        };
         let worker = std::thread::Builder::new()
             .name("tandem-disk".into())
-            .spawn(move || match ring {
-                Some(r) => uring_worker(r, rx, on_done),
-                None => sync_worker(file, rx, on_done),
-            })?;
+            .spawn(move || sync_worker(file, rx, on_done))?;
         Ok(Disk {
             tx: Some(tx),
-            backend,
             direct,
             size_bytes,
             worker: Some(worker),
@@ -224,41 +192,6 @@ fn sync_worker(file: File, rx: Receiver<(u64, DiskOp)>, on_done: Box<dyn Fn(Comp
             DiskOp::Flush => file.sync_data().map(|_| None),
         };
         on_done(Completion { tag, result });
-    }
-}
-
-fn uring_worker(
-    mut ring: Ring,
-    rx: Receiver<(u64, DiskOp)>,
-    on_done: Box<dyn Fn(Completion) + Send>,
-) {
-    let mut closed = false;
-    // Wait for completions at most this long before looking for new requests, so that a
-    // request arriving while others are in flight is not held up.
-    let wait = std::time::Duration::from_micros(100);
-    loop {
-        if ring.in_flight() == 0 {
-            if closed {
-                return;
-            }
-            match rx.recv() {
-                Ok((tag, op)) => ring.submit(tag, op),
-                Err(_) => return,
-            }
-        }
-        loop {
-            match rx.try_recv() {
-                Ok((tag, op)) => ring.submit(tag, op),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        for c in ring.wait(Some(wait)) {
-            on_done(c);
-        }
     }
 }
 

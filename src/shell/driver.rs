@@ -381,7 +381,6 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
             let dtx = tx.clone();
             let d = Disk::open(
                 &s.disk_path,
-                false,
                 Box::new(move |c| {
                     let _ = dtx.send(Event::Disk(c));
                 }),

@@ -1,24 +1,13 @@
 //! How the database sees the device: a FUSE file per resource, attached to a loop device
 //! on the primary, with `/dev/tandem/RES` (or the configured path) linking to it.
 //!
-//! The FUSE handlers never block: each request becomes an [`AppRequest`] for the
-//! resource's driver, which answers it through the boxed completion when the core says
-//! so. The driver does not know which frontend is in use; only this module knows FUSE.
-//!
-//! The loop device is attached on promotion and detached on demotion, so on a secondary
-//! the device is absent. Its logical block size is 4 KiB, so every request that reaches
-//! the daemon is 4 KiB aligned, as O_DIRECT on the backing disk needs.
-
-//! How the database sees the device: a FUSE file per resource, attached to a loop device
-//! on the primary, with `/dev/tandem/RES` (or the configured path) linking to it.
-//!
 //! Tandem serves the FUSE connection itself ([`crate::shell::fuse`] has the protocol).
 //! With io_uring, the resource's driver thread reads `/dev/fuse` when its ring says the
 //! device is readable ([`FuseDevice::read_requests`]), so a request reaches the core
 //! without a thread hand-off; without io_uring, a reader thread sends the requests on
 //! ([`FuseDevice::spawn_reader`]). Either way, data requests become [`AppRequest`]s,
 //! answered through their boxed completion when the core says so, from whatever thread
-//! calls it; metadata requests are answered at once. The driver does not know FUSE.
+//! calls it; metadata requests are answered at once.
 //!
 //! The loop device is attached on promotion and detached on demotion, so on a secondary
 //! the device is absent. Its logical block size is 4 KiB, so every request that reaches
