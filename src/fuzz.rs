@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::core::al::{ActivityLog, AlTxn, TXN_BYTES};
+use crate::core::codec;
 use crate::core::meta::{Layout, Metadata, Superblock, SUPERBLOCK_BYTES};
 use crate::core::wire::{self, Msg, HEADER_BYTES};
 use crate::core::witness::{self, Witness};
@@ -39,8 +40,7 @@ pub fn target(name: &str) -> Option<Target> {
 }
 
 fn u32_at(b: &[u8], o: usize) -> usize {
-    b.get(o..o + 4)
-        .map_or(0, |x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) as usize)
+    codec::u32_at(b, o).unwrap_or(0) as usize
 }
 
 /// Give the frame at the start of `b` its magic and a correct CRC (as far as its
@@ -49,19 +49,19 @@ fn fix_frame(b: &mut [u8]) -> usize {
     if b.len() < HEADER_BYTES {
         return b.len();
     }
-    b[0..4].copy_from_slice(&wire::FRAME_MAGIC.to_le_bytes());
+    codec::put_u32(b, 0, wire::FRAME_MAGIC);
     // Keep the claimed lengths within what is there, so that most frames are whole.
     let room = b.len() - HEADER_BYTES;
     let fields = u32_at(b, 8) % (room + 1);
     let data = u32_at(b, 12) % (room - fields + 1);
-    b[8..12].copy_from_slice(&(fields as u32).to_le_bytes());
-    b[12..16].copy_from_slice(&(data as u32).to_le_bytes());
+    codec::put_u32(b, 8, fields as u32);
+    codec::put_u32(b, 12, data as u32);
     let total = HEADER_BYTES + fields + data;
     let mut h = crc32fast::Hasher::new();
     h.update(&b[0..24]);
     h.update(&b[HEADER_BYTES..total]);
     let crc = h.finalize();
-    b[24..28].copy_from_slice(&crc.to_le_bytes());
+    codec::put_u32(b, 24, crc);
     total
 }
 
@@ -134,8 +134,8 @@ pub fn superblock(data: &[u8]) {
     let n = data.len().min(b.len());
     b[..n].copy_from_slice(&data[..n]);
     let crc = crc32fast::hash(&b[..4092]);
-    b[4092..].copy_from_slice(&crc.to_le_bytes());
-    let offset = u64::from_le_bytes(b[64..72].try_into().unwrap_or([0; 8]));
+    codec::put_u32(&mut b, 4092, crc);
+    let offset = codec::u64_at(&b, 64).unwrap_or(0);
     if let Ok(sb) = Superblock::decode(&b, offset) {
         let l = sb.layout;
         assert!(l.data_bytes <= l.bitmap_offset && l.al_offset < l.superblock_offset);
@@ -157,9 +157,9 @@ pub fn metadata(data: &[u8]) {
     let start = dev.len() - n;
     dev[start..].copy_from_slice(&rest[..n]);
     let sb_at = dev.len() - SUPERBLOCK_BYTES as usize;
-    dev[sb_at..sb_at + 8].copy_from_slice(&crate::core::meta::MAGIC.to_le_bytes());
+    codec::put_u64(&mut dev, sb_at, crate::core::meta::MAGIC);
     let crc = crc32fast::hash(&dev[sb_at..sb_at + 4092]);
-    dev[sb_at + 4092..].copy_from_slice(&crc.to_le_bytes());
+    codec::put_u32(&mut dev, sb_at + 4092, crc);
     let md = Metadata::read_with(dev_bytes, |off, len| {
         let s = (off as usize).min(dev.len());
         let e = s.saturating_add(len).min(dev.len());
@@ -179,10 +179,10 @@ pub fn activity_log(data: &[u8]) {
     let mut ring = data.to_vec();
     ring.resize(ring.len().div_ceil(TXN_BYTES).max(1) * TXN_BYTES, 0);
     for block in ring.chunks_mut(TXN_BYTES) {
-        block[0..4].copy_from_slice(&0x4C41_4E54u32.to_le_bytes());
-        block[4..6].copy_from_slice(&1u16.to_le_bytes());
+        codec::put_u32(block, 0, 0x4C41_4E54u32);
+        codec::put_u16(block, 4, 1u16);
         let crc = crc32fast::hash(&block[..TXN_BYTES - 4]);
-        block[TXN_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+        codec::put_u32(block, TXN_BYTES - 4, crc);
     }
     if let Some(t) = AlTxn::newest_in_ring(&ring) {
         assert_eq!(AlTxn::decode(&t.encode()).as_ref(), Some(&t));
@@ -201,11 +201,11 @@ pub fn witness_state(data: &[u8]) {
     let mut b = data.to_vec();
     if b.len() >= 20 {
         b[..8].copy_from_slice(witness::STATE_MAGIC);
-        b[8..12].copy_from_slice(&witness::STATE_VERSION.to_le_bytes());
+        codec::put_u32(&mut b, 8, witness::STATE_VERSION);
         let len = b.len() - 20;
-        b[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+        codec::put_u32(&mut b, 12, len as u32);
         let crc = crc32fast::hash(&b[20..]);
-        b[16..20].copy_from_slice(&crc.to_le_bytes());
+        codec::put_u32(&mut b, 16, crc);
     }
     if let Ok(state) = witness::decode_state(&b) {
         assert_eq!(
@@ -268,7 +268,7 @@ pub fn fuse_request(data: &[u8]) {
     let mut b = data.to_vec();
     if b.len() >= 4 {
         let len = b.len() as u32;
-        b[0..4].copy_from_slice(&len.to_le_bytes());
+        codec::put_u32(&mut b, 0, len);
     }
     for writable in [true, false] {
         let _ = fuse::parse(

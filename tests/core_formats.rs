@@ -269,3 +269,41 @@ fn frames_reject_bad_input() {
         let _ = decode_frame(&junk);
     }
 }
+
+#[test]
+fn codec_round_trips_and_never_reads_past_the_end() {
+    use tandem::core::codec::{self, Reader, Writer};
+    let mut w = Writer::default();
+    w.u8(0xAB);
+    w.u16(0xBEEF);
+    w.u32(0xDEAD_BEEF);
+    w.u64(u64::MAX - 1);
+    w.str8("alpha");
+    w.str8(&"x".repeat(300));
+    let b = w.into_inner();
+    // Little-endian, fixed width, a one-byte length before a string (cut at 255).
+    assert_eq!(&b[..7], &[0xAB, 0xEF, 0xBE, 0xEF, 0xBE, 0xAD, 0xDE]);
+    assert_eq!(b.len(), 1 + 2 + 4 + 8 + 1 + 5 + 1 + 255);
+    let mut r = Reader::new(&b);
+    assert_eq!(r.u8(), Some(0xAB));
+    assert_eq!(r.u16(), Some(0xBEEF));
+    assert_eq!(r.u32(), Some(0xDEAD_BEEF));
+    assert_eq!(r.u64(), Some(u64::MAX - 1));
+    assert_eq!(r.str8().as_deref(), Some("alpha"));
+    assert_eq!(r.str8().map(|s| s.len()), Some(255));
+    assert!(r.is_empty());
+    // Short input: None, never a panic.
+    for n in 0..8 {
+        assert_eq!(Reader::new(&b[..n.min(b.len())]).u64().is_some(), n >= 8);
+    }
+    assert_eq!(Reader::new(&[5, b'a', b'b']).str8(), None, "length past the end");
+    assert_eq!(Reader::new(&[2, 0xFF, 0xFE]).str8(), None, "not UTF-8");
+    // Fixed offsets.
+    let mut rec = vec![0u8; 16];
+    codec::put_u64(&mut rec, 8, 42);
+    codec::put_u16(&mut rec, 2, 7);
+    assert_eq!(codec::u64_at(&rec, 8), Some(42));
+    assert_eq!(codec::u16_at(&rec, 2), Some(7));
+    assert_eq!(codec::u64_at(&rec, 9), None);
+    assert_eq!(codec::u32_at(&rec, usize::MAX - 1), None);
+}

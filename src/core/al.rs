@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 
+use crate::core::codec;
+
 pub const TXN_BYTES: usize = 4096;
 const TXN_MAGIC: u32 = 0x4C41_4E54; // "TNAL"
 const TXN_VERSION: u16 = 1;
@@ -26,16 +28,15 @@ pub struct AlTxn {
 impl AlTxn {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; TXN_BYTES];
-        b[0..4].copy_from_slice(&TXN_MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&TXN_VERSION.to_le_bytes());
-        b[6..8].copy_from_slice(&(self.extents.len() as u16).to_le_bytes());
-        b[8..16].copy_from_slice(&self.number.to_le_bytes());
+        codec::put_u32(&mut b, 0, TXN_MAGIC);
+        codec::put_u16(&mut b, 4, TXN_VERSION);
+        codec::put_u16(&mut b, 6, self.extents.len() as u16);
+        codec::put_u64(&mut b, 8, self.number);
         for (i, e) in self.extents.iter().enumerate() {
-            let o = TXN_HEADER + i * 4;
-            b[o..o + 4].copy_from_slice(&e.to_le_bytes());
+            codec::put_u32(&mut b, TXN_HEADER + i * 4, *e);
         }
         let crc = crc32fast::hash(&b[..TXN_BYTES - 4]);
-        b[TXN_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+        codec::put_u32(&mut b, TXN_BYTES - 4, crc);
         b
     }
 
@@ -44,22 +45,21 @@ impl AlTxn {
         if b.len() < TXN_BYTES {
             return None;
         }
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        if u32_at(0) != TXN_MAGIC || u16::from_le_bytes([b[4], b[5]]) != TXN_VERSION {
+        if codec::u32_at(b, 0)? != TXN_MAGIC || codec::u16_at(b, 4)? != TXN_VERSION {
             return None;
         }
-        if crc32fast::hash(&b[..TXN_BYTES - 4]) != u32_at(TXN_BYTES - 4) {
+        if crc32fast::hash(&b[..TXN_BYTES - 4]) != codec::u32_at(b, TXN_BYTES - 4)? {
             return None;
         }
-        let count = u16::from_le_bytes([b[6], b[7]]) as usize;
+        let count = codec::u16_at(b, 6)? as usize;
         if count > MAX_EXTENTS {
             return None;
         }
-        let mut n = [0u8; 8];
-        n.copy_from_slice(&b[8..16]);
-        let extents = (0..count).map(|i| u32_at(TXN_HEADER + i * 4)).collect();
+        let extents = (0..count)
+            .map(|i| codec::u32_at(b, TXN_HEADER + i * 4))
+            .collect::<Option<Vec<u32>>>()?;
         Some(AlTxn {
-            number: u64::from_le_bytes(n),
+            number: codec::u64_at(b, 8)?,
             extents,
         })
     }

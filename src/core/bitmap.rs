@@ -4,6 +4,8 @@
 //! the union of both nodes' bitmaps. The on-disk form is split into 4 KiB pages so that
 //! only the pages that changed are written.
 
+use crate::core::codec::{Reader, Writer};
+
 /// Bytes per on-disk bitmap page.
 pub const PAGE_BYTES: usize = 4096;
 const BITS_PER_PAGE: u64 = (PAGE_BYTES * 8) as u64;
@@ -178,20 +180,22 @@ impl Bitmap {
     /// Encode one page for the disk and mark it clean.
     pub fn take_page(&mut self, page: usize) -> Vec<u8> {
         let words_per_page = PAGE_BYTES / 8;
-        let mut out = Vec::with_capacity(PAGE_BYTES);
+        let mut out = Writer::with_capacity(PAGE_BYTES);
         for w in &self.words[page * words_per_page..(page + 1) * words_per_page] {
-            out.extend_from_slice(&w.to_le_bytes());
+            out.u64(*w);
         }
         self.dirty_pages[page] = false;
-        out
+        out.into_inner()
     }
 
     /// Load the whole on-disk bitmap. Bits past the end of the device are ignored.
     pub fn load(&mut self, bytes: &[u8]) {
-        for (i, chunk) in bytes.chunks_exact(8).enumerate().take(self.words.len()) {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(chunk);
-            self.words[i] = u64::from_le_bytes(a);
+        let mut r = Reader::new(bytes);
+        for w in self.words.iter_mut() {
+            match r.u64() {
+                Some(v) => *w = v,
+                None => break,
+            }
         }
         // Clear bits beyond nbits so that counting is exact.
         let last = self.nbits;

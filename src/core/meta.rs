@@ -6,6 +6,7 @@
 //! flags and a CRC over all of it. Pure encode/decode; the shells do the I/O.
 
 use crate::core::bitmap::Bitmap;
+use crate::core::codec;
 use crate::core::uuid::{Generation, HISTORY_LEN};
 
 pub const SUPERBLOCK_BYTES: u64 = 4096;
@@ -149,29 +150,29 @@ impl Superblock {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; SUPERBLOCK_BYTES as usize];
         let l = &self.layout;
-        b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&self.flags.to_le_bytes());
-        b[16..24].copy_from_slice(&l.device_bytes.to_le_bytes());
-        b[24..32].copy_from_slice(&l.data_bytes.to_le_bytes());
-        b[32..36].copy_from_slice(&(l.block_bytes as u32).to_le_bytes());
-        b[36..40].copy_from_slice(&(self.al_extent_bytes as u32).to_le_bytes());
-        b[40..44].copy_from_slice(&self.al_extents.to_le_bytes());
-        b[44..48].copy_from_slice(&(l.al_slots as u32).to_le_bytes());
-        b[48..56].copy_from_slice(&l.bitmap_offset.to_le_bytes());
-        b[56..64].copy_from_slice(&l.al_offset.to_le_bytes());
-        b[64..72].copy_from_slice(&l.superblock_offset.to_le_bytes());
-        b[72..80].copy_from_slice(&self.gen.current.to_le_bytes());
-        b[80..88].copy_from_slice(&self.gen.bitmap.to_le_bytes());
+        codec::put_u64(&mut b, 0, MAGIC);
+        codec::put_u32(&mut b, 8, VERSION);
+        codec::put_u32(&mut b, 12, self.flags);
+        codec::put_u64(&mut b, 16, l.device_bytes);
+        codec::put_u64(&mut b, 24, l.data_bytes);
+        codec::put_u32(&mut b, 32, l.block_bytes as u32);
+        codec::put_u32(&mut b, 36, self.al_extent_bytes as u32);
+        codec::put_u32(&mut b, 40, self.al_extents);
+        codec::put_u32(&mut b, 44, l.al_slots as u32);
+        codec::put_u64(&mut b, 48, l.bitmap_offset);
+        codec::put_u64(&mut b, 56, l.al_offset);
+        codec::put_u64(&mut b, 64, l.superblock_offset);
+        codec::put_u64(&mut b, 72, self.gen.current);
+        codec::put_u64(&mut b, 80, self.gen.bitmap);
         for i in 0..HISTORY_LEN {
-            b[88 + 8 * i..96 + 8 * i].copy_from_slice(&self.gen.history[i].to_le_bytes());
+            codec::put_u64(&mut b, 88 + 8 * i, self.gen.history[i]);
         }
         put_name(&mut b[128..128 + NAME_BYTES], &self.resource);
         put_name(&mut b[192..192 + NAME_BYTES], &self.node);
-        b[256..264].copy_from_slice(&self.term.to_le_bytes());
-        b[264..272].copy_from_slice(&self.gen_term.to_le_bytes());
+        codec::put_u64(&mut b, 256, self.term);
+        codec::put_u64(&mut b, 264, self.gen_term);
         let crc = crc32fast::hash(&b[..4092]);
-        b[4092..].copy_from_slice(&crc.to_le_bytes());
+        codec::put_u32(&mut b, 4092, crc);
         b
     }
 
@@ -183,12 +184,9 @@ impl Superblock {
                 b.len()
             )));
         }
-        let u64_at = |o: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(a)
-        };
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        // The block is whole (checked above): every field is there.
+        let u64_at = |o| codec::u64_at(b, o).unwrap_or(0);
+        let u32_at = |o| codec::u32_at(b, o).unwrap_or(0);
         if u64_at(0) != MAGIC {
             return Err(MetaError::NoMagic(offset));
         }
@@ -391,7 +389,7 @@ fn find_older_superblock(end: u64, read: &mut impl FnMut(u64, usize) -> Vec<u8>)
             let Some(block) = buf.get(at..at + SUPERBLOCK_BYTES as usize) else {
                 continue;
             };
-            if block[..8] != MAGIC.to_le_bytes() {
+            if codec::u64_at(block, 0) != Some(MAGIC) {
                 continue;
             }
             let offset = lo + at as u64;

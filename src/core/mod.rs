@@ -7,6 +7,7 @@
 pub mod al;
 pub mod auth;
 pub mod bitmap;
+pub mod codec;
 pub mod meta;
 pub mod promoter;
 pub mod quorum;

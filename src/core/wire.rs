@@ -7,6 +7,7 @@
 //! carried apart from the fields so that a receiver can read it straight into an aligned
 //! buffer and hand it to the disk without a copy.
 
+use crate::core::codec::{self, Reader, Writer};
 use crate::core::uuid::{Generation, HISTORY_LEN};
 use crate::core::witness;
 
@@ -279,27 +280,27 @@ impl Msg {
     /// Encode header and fields, stamped with the sender's `term`; the caller sends
     /// `data_len()` bytes of data after them.
     pub fn encode(&self, term: u64, data: &[u8]) -> Vec<u8> {
-        let mut e = Enc(Vec::with_capacity(64));
-        e.0.resize(HEADER_BYTES, 0);
+        let mut e = Enc(Writer::with_capacity(64));
+        e.0 .0.resize(HEADER_BYTES, 0);
         self.encode_fields(&mut e);
-        let mut b = e.0;
+        let mut b = e.0.into_inner();
         let fields_len = (b.len() - HEADER_BYTES) as u32;
-        b[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+        codec::put_u32(&mut b, 0, FRAME_MAGIC);
         b[4] = self.kind();
-        b[8..12].copy_from_slice(&fields_len.to_le_bytes());
-        b[12..16].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        b[16..24].copy_from_slice(&term.to_le_bytes());
+        codec::put_u32(&mut b, 8, fields_len);
+        codec::put_u32(&mut b, 12, data.len() as u32);
+        codec::put_u64(&mut b, 16, term);
         let mut h = crc32fast::Hasher::new();
         h.update(&b[0..24]);
         h.update(&b[HEADER_BYTES..]);
         h.update(data);
         let crc = h.finalize();
-        b[24..28].copy_from_slice(&crc.to_le_bytes());
+        codec::put_u32(&mut b, 24, crc);
         b
     }
 
     pub fn decode(hdr: &FrameHeader, fields: &[u8]) -> Result<Msg, WireError> {
-        let mut d = Dec(fields);
+        let mut d = Dec(Reader::new(fields));
         let m = match hdr.kind {
             1 => Msg::AuthChallenge {
                 nonce: d.arr("auth")?,
@@ -437,7 +438,8 @@ pub struct FrameHeader {
 
 impl FrameHeader {
     pub fn decode(b: &[u8; HEADER_BYTES]) -> Result<FrameHeader, WireError> {
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        // `b` is a whole header: every field is there.
+        let u32_at = |o| codec::u32_at(b, o).unwrap_or(0);
         let magic = u32_at(0);
         if magic != FRAME_MAGIC {
             return Err(WireError::Magic(magic));
@@ -448,13 +450,11 @@ impl FrameHeader {
         }
         let mut raw = [0u8; 24];
         raw.copy_from_slice(&b[..24]);
-        let mut term = [0u8; 8];
-        term.copy_from_slice(&b[16..24]);
         Ok(FrameHeader {
             kind: b[4],
             fields_len,
             data_len,
-            term: u64::from_le_bytes(term),
+            term: codec::u64_at(b, 16).unwrap_or(0),
             crc: u32_at(24),
             raw,
         })
@@ -478,8 +478,7 @@ pub type DecodedFrame<'a> = (Msg, &'a [u8], usize);
 
 /// The term a decoded frame's header carries (tests, fuzzing).
 pub fn frame_term(b: &[u8]) -> Option<u64> {
-    let t: [u8; 8] = b.get(16..24)?.try_into().ok()?;
-    Some(u64::from_le_bytes(t))
+    codec::u64_at(b, 16)
 }
 
 /// Decode one whole frame from a byte slice (tests, fuzzing). Returns the message, its
@@ -501,24 +500,23 @@ pub fn decode_frame(b: &[u8]) -> Result<Option<DecodedFrame<'_>>, WireError> {
     Ok(Some((Msg::decode(&hdr, fields)?, data, total)))
 }
 
-struct Enc(Vec<u8>);
+/// The wire's writer: the shared codec, plus generations.
+struct Enc(Writer);
 impl Enc {
     fn u8(&mut self, v: u8) {
-        self.0.push(v)
+        self.0.u8(v)
     }
     fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes())
+        self.0.u32(v)
     }
     fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes())
+        self.0.u64(v)
     }
     fn bytes(&mut self, v: &[u8]) {
-        self.0.extend_from_slice(v)
+        self.0.bytes(v)
     }
     fn str(&mut self, s: &str) {
-        let n = s.len().min(255);
-        self.u8(n as u8);
-        self.0.extend_from_slice(&s.as_bytes()[..n]);
+        self.0.str8(s)
     }
     fn gen(&mut self, g: &Generation) {
         self.u64(g.current);
@@ -529,39 +527,24 @@ impl Enc {
     }
 }
 
-struct Dec<'a>(&'a [u8]);
+/// The wire's reader: the shared codec, each field naming the message it belongs to
+/// when the input runs short or is malformed.
+struct Dec<'a>(Reader<'a>);
 impl Dec<'_> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&[u8], WireError> {
-        if self.0.len() < n {
-            return Err(WireError::Malformed(what));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
     fn u8(&mut self, w: &'static str) -> Result<u8, WireError> {
-        Ok(self.take(1, w)?[0])
+        self.0.u8().ok_or(WireError::Malformed(w))
     }
     fn u32(&mut self, w: &'static str) -> Result<u32, WireError> {
-        let b = self.take(4, w)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.0.u32().ok_or(WireError::Malformed(w))
     }
     fn u64(&mut self, w: &'static str) -> Result<u64, WireError> {
-        let b = self.take(8, w)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
+        self.0.u64().ok_or(WireError::Malformed(w))
     }
     fn arr(&mut self, w: &'static str) -> Result<[u8; 32], WireError> {
-        let b = self.take(32, w)?;
-        let mut a = [0u8; 32];
-        a.copy_from_slice(b);
-        Ok(a)
+        self.0.array().ok_or(WireError::Malformed(w))
     }
     fn str(&mut self, w: &'static str) -> Result<String, WireError> {
-        let n = self.u8(w)? as usize;
-        let b = self.take(n, w)?;
-        String::from_utf8(b.to_vec()).map_err(|_| WireError::Malformed(w))
+        self.0.str8().ok_or(WireError::Malformed(w))
     }
     fn gen(&mut self, w: &'static str) -> Result<Generation, WireError> {
         let current = self.u64(w)?;

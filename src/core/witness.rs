@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::core::codec::{Reader, Writer};
 use crate::core::Instant;
 
 /// What a node asks.
@@ -375,12 +376,6 @@ pub enum StateError {
     Malformed,
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    let n = s.len().min(255);
-    out.push(n as u8);
-    out.extend_from_slice(&s.as_bytes()[..n]);
-}
-
 fn refusal(st: &ResourceState, reason: String) -> Reply {
     Reply {
         granted: false,
@@ -393,84 +388,60 @@ fn refusal(st: &ResourceState, reason: String) -> Reply {
 }
 
 pub fn encode_state(state: &BTreeMap<String, ResourceState>) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&(state.len() as u32).to_le_bytes());
+    let mut p = Writer::default();
+    p.u32(state.len() as u32);
     for (name, st) in state {
-        put_str(&mut p, name);
-        p.extend_from_slice(&st.term.to_le_bytes());
-        put_str(&mut p, st.primary.as_deref().unwrap_or(""));
-        p.extend_from_slice(&(st.up_to_date.len() as u32).to_le_bytes());
+        p.str8(name);
+        p.u64(st.term);
+        p.str8(st.primary.as_deref().unwrap_or(""));
+        p.u32(st.up_to_date.len() as u32);
         for n in &st.up_to_date {
-            put_str(&mut p, n);
+            p.str8(n);
         }
     }
-    let mut out = Vec::with_capacity(p.len() + 20);
-    out.extend_from_slice(STATE_MAGIC);
-    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-    out.extend_from_slice(&(p.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&p).to_le_bytes());
-    out.extend_from_slice(&p);
-    out
-}
-
-struct Rd<'a>(&'a [u8]);
-impl<'a> Rd<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
-        if self.0.len() < n {
-            return Err(StateError::Malformed);
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u32(&mut self) -> Result<u32, StateError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64, StateError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn str(&mut self) -> Result<String, StateError> {
-        let n = self.take(1)?[0] as usize;
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| StateError::Malformed)
-    }
+    let p = p.into_inner();
+    let mut out = Writer::with_capacity(p.len() + 20);
+    out.bytes(STATE_MAGIC);
+    out.u32(STATE_VERSION);
+    out.u32(p.len() as u32);
+    out.u32(crc32fast::hash(&p));
+    out.bytes(&p);
+    out.into_inner()
 }
 
 pub fn decode_state(b: &[u8]) -> Result<BTreeMap<String, ResourceState>, StateError> {
     if b.len() < 20 || &b[..8] != STATE_MAGIC {
         return Err(StateError::Magic);
     }
-    let mut r = Rd(&b[8..]);
-    let version = r.u32()?;
+    let bad = || StateError::Malformed;
+    let mut r = Reader::new(&b[8..]);
+    let version = r.u32().ok_or_else(bad)?;
     if version != STATE_VERSION {
         return Err(StateError::Version(version));
     }
-    let len = r.u32()? as usize;
-    let crc = r.u32()?;
-    let payload = r.take(len)?;
-    if !r.0.is_empty() {
+    let len = r.u32().ok_or_else(bad)? as usize;
+    let crc = r.u32().ok_or_else(bad)?;
+    let payload = r.take(len).ok_or_else(bad)?;
+    if !r.is_empty() {
         return Err(StateError::Malformed);
     }
     if crc32fast::hash(payload) != crc {
         return Err(StateError::Crc);
     }
-    let mut r = Rd(payload);
-    let n = r.u32()? as usize;
+    let mut r = Reader::new(payload);
+    let n = r.u32().ok_or_else(bad)? as usize;
     let mut out = BTreeMap::new();
     for _ in 0..n {
-        let name = r.str()?;
-        let term = r.u64()?;
-        let primary = Some(r.str()?).filter(|p| !p.is_empty());
-        let k = r.u32()? as usize;
-        if k > r.0.len() {
+        let name = r.str8().ok_or_else(bad)?;
+        let term = r.u64().ok_or_else(bad)?;
+        let primary = Some(r.str8().ok_or_else(bad)?).filter(|p| !p.is_empty());
+        let k = r.u32().ok_or_else(bad)? as usize;
+        if k > r.rest().len() {
             return Err(StateError::Malformed);
         }
         let mut up_to_date = BTreeSet::new();
         for _ in 0..k {
-            up_to_date.insert(r.str()?);
+            up_to_date.insert(r.str8().ok_or_else(bad)?);
         }
         out.insert(
             name,
@@ -481,7 +452,7 @@ pub fn decode_state(b: &[u8]) -> Result<BTreeMap<String, ResourceState>, StateEr
             },
         );
     }
-    if !r.0.is_empty() {
+    if !r.is_empty() {
         return Err(StateError::Malformed);
     }
     Ok(out)

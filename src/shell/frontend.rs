@@ -127,7 +127,7 @@ impl Reader {
                 } => {
                     let chan = chan.clone();
                     let mut written = [0u8; 8];
-                    written[..4].copy_from_slice(&(data.len() as u32).to_le_bytes());
+                    crate::core::codec::put_u32(&mut written, 0, data.len() as u32);
                     // The one copy of a write's payload: from the request buffer into an
                     // aligned one that O_DIRECT and the network share from here on.
                     out.push(AppRequest::Write {

@@ -68,12 +68,7 @@ const S_IFREG: u32 = 0o100000;
 const DT_DIR: u32 = 4;
 const DT_REG: u32 = 8;
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
+use crate::core::codec::{self, u32_at, u64_at, Writer};
 
 /// `fuse_in_header`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,9 +93,9 @@ impl InHeader {
 /// A reply's header: `fuse_out_header` for `unique`, `error` a negative errno or 0.
 pub fn out_header(unique: u64, error: i32, payload_bytes: usize) -> [u8; OUT_HEADER_BYTES] {
     let mut h = [0u8; OUT_HEADER_BYTES];
-    h[0..4].copy_from_slice(&((OUT_HEADER_BYTES + payload_bytes) as u32).to_le_bytes());
-    h[4..8].copy_from_slice(&error.to_le_bytes());
-    h[8..16].copy_from_slice(&unique.to_le_bytes());
+    codec::put_u32(&mut h, 0, (OUT_HEADER_BYTES + payload_bytes) as u32);
+    codec::put_u32(&mut h, 4, error as u32);
+    codec::put_u64(&mut h, 8, unique);
     h
 }
 
@@ -144,51 +139,51 @@ fn attr(shape: Shape, ino: u64) -> Option<[u8; 88]> {
         _ => return None,
     };
     let mut a = [0u8; 88];
-    a[0..8].copy_from_slice(&ino.to_le_bytes());
-    a[8..16].copy_from_slice(&size.to_le_bytes());
-    a[16..24].copy_from_slice(&(size / 512).to_le_bytes());
+    codec::put_u64(&mut a, 0, ino);
+    codec::put_u64(&mut a, 8, size);
+    codec::put_u64(&mut a, 16, size / 512);
     // times (24..60) stay at the epoch
-    a[60..64].copy_from_slice(&mode.to_le_bytes());
-    a[64..68].copy_from_slice(&(nlink as u32).to_le_bytes());
+    codec::put_u32(&mut a, 60, mode);
+    codec::put_u32(&mut a, 64, nlink as u32);
     // uid, gid, rdev: 0
-    a[80..84].copy_from_slice(&(SECTOR_BYTES as u32).to_le_bytes());
+    codec::put_u32(&mut a, 80, SECTOR_BYTES as u32);
     Some(a)
 }
 
 fn entry_out(shape: Shape, ino: u64) -> Option<Vec<u8>> {
     let a = attr(shape, ino)?;
-    let mut e = Vec::with_capacity(128);
-    e.extend_from_slice(&ino.to_le_bytes());
-    e.extend_from_slice(&0u64.to_le_bytes()); // generation
-    e.extend_from_slice(&TTL_SECS.to_le_bytes()); // entry_valid
-    e.extend_from_slice(&TTL_SECS.to_le_bytes()); // attr_valid
-    e.extend_from_slice(&[0u8; 8]); // their nanoseconds
-    e.extend_from_slice(&a);
-    Some(e)
+    let mut e = Writer::with_capacity(128);
+    e.u64(ino);
+    e.u64(0); // generation
+    e.u64(TTL_SECS); // entry_valid
+    e.u64(TTL_SECS); // attr_valid
+    e.bytes(&[0u8; 8]); // their nanoseconds
+    e.bytes(&a);
+    Some(e.into_inner())
 }
 
 fn attr_out(shape: Shape, ino: u64) -> Option<Vec<u8>> {
     let a = attr(shape, ino)?;
-    let mut e = Vec::with_capacity(104);
-    e.extend_from_slice(&TTL_SECS.to_le_bytes());
-    e.extend_from_slice(&[0u8; 8]); // nanoseconds, padding
-    e.extend_from_slice(&a);
-    Some(e)
+    let mut e = Writer::with_capacity(104);
+    e.u64(TTL_SECS);
+    e.bytes(&[0u8; 8]); // nanoseconds, padding
+    e.bytes(&a);
+    Some(e.into_inner())
 }
 
 fn open_out(open_flags: u32) -> Vec<u8> {
     let mut o = vec![0u8; 16];
-    o[8..12].copy_from_slice(&open_flags.to_le_bytes());
+    codec::put_u32(&mut o, 8, open_flags);
     o
 }
 
 fn statfs_out(shape: Shape) -> Vec<u8> {
     let mut s = vec![0u8; 80];
-    s[0..8].copy_from_slice(&(shape.data_bytes / SECTOR_BYTES).to_le_bytes()); // blocks
-    s[24..32].copy_from_slice(&2u64.to_le_bytes()); // files
-    s[40..44].copy_from_slice(&(SECTOR_BYTES as u32).to_le_bytes()); // bsize
-    s[44..48].copy_from_slice(&255u32.to_le_bytes()); // namelen
-    s[48..52].copy_from_slice(&(SECTOR_BYTES as u32).to_le_bytes()); // frsize
+    codec::put_u64(&mut s, 0, shape.data_bytes / SECTOR_BYTES); // blocks
+    codec::put_u64(&mut s, 24, 2u64); // files
+    codec::put_u32(&mut s, 40, SECTOR_BYTES as u32); // bsize
+    codec::put_u32(&mut s, 44, 255u32); // namelen
+    codec::put_u32(&mut s, 48, SECTOR_BYTES as u32); // frsize
     s
 }
 
@@ -199,20 +194,20 @@ fn readdir_out(offset: u64, max_bytes: usize) -> Vec<u8> {
         (ROOT_INO, DT_DIR, ".."),
         (DATA_INO, DT_REG, DATA_FILE),
     ];
-    let mut out = Vec::new();
+    let mut out = Writer::default();
     for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
         let rec = (24 + name.len()).div_ceil(8) * 8;
-        if out.len() + rec > max_bytes {
+        if out.0.len() + rec > max_bytes {
             break;
         }
-        out.extend_from_slice(&ino.to_le_bytes());
-        out.extend_from_slice(&((i + 1) as u64).to_le_bytes()); // offset of the next
-        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        out.extend_from_slice(&kind.to_le_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.resize(out.len().div_ceil(8) * 8, 0);
+        out.u64(*ino);
+        out.u64((i + 1) as u64); // offset of the next
+        out.u32(name.len() as u32);
+        out.u32(*kind);
+        out.bytes(name.as_bytes());
+        out.0.resize(out.0.len().div_ceil(8) * 8, 0);
     }
-    out
+    out.into_inner()
 }
 
 /// Decode one request as read from `/dev/fuse` (exactly the bytes one read returned).
@@ -362,15 +357,15 @@ pub fn init_reply(b: &[u8]) -> Result<Init, InitError> {
     }
     let flags = offered & (FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES);
     let mut out = vec![0u8; 64];
-    out[0..4].copy_from_slice(&KERNEL_MAJOR.to_le_bytes());
-    out[4..8].copy_from_slice(&OUR_MINOR.min(minor).to_le_bytes());
-    out[8..12].copy_from_slice(&max_readahead.to_le_bytes());
-    out[12..16].copy_from_slice(&flags.to_le_bytes());
-    out[16..18].copy_from_slice(&64u16.to_le_bytes()); // max_background
-    out[18..20].copy_from_slice(&48u16.to_le_bytes()); // congestion_threshold
-    out[20..24].copy_from_slice(&MAX_WRITE_BYTES.to_le_bytes());
-    out[24..28].copy_from_slice(&1u32.to_le_bytes()); // time_gran, ns
-    out[28..30].copy_from_slice(&((MAX_WRITE_BYTES as u64 / SECTOR_BYTES) as u16).to_le_bytes());
+    codec::put_u32(&mut out, 0, KERNEL_MAJOR);
+    codec::put_u32(&mut out, 4, OUR_MINOR.min(minor));
+    codec::put_u32(&mut out, 8, max_readahead);
+    codec::put_u32(&mut out, 12, flags);
+    codec::put_u16(&mut out, 16, 64u16); // max_background
+    codec::put_u16(&mut out, 18, 48u16); // congestion_threshold
+    codec::put_u32(&mut out, 20, MAX_WRITE_BYTES);
+    codec::put_u32(&mut out, 24, 1u32); // time_gran, ns
+    codec::put_u16(&mut out, 28, (MAX_WRITE_BYTES as u64 / SECTOR_BYTES) as u16);
     Ok(Init {
         unique: h.unique,
         reply: out,
@@ -381,10 +376,10 @@ pub fn init_reply(b: &[u8]) -> Result<Init, InitError> {
 /// Build a request as the kernel would (for tests).
 pub fn encode_request(opcode: u32, unique: u64, nodeid: u64, arg: &[u8]) -> Vec<u8> {
     let mut b = vec![0u8; IN_HEADER_BYTES];
-    b[0..4].copy_from_slice(&((IN_HEADER_BYTES + arg.len()) as u32).to_le_bytes());
-    b[4..8].copy_from_slice(&opcode.to_le_bytes());
-    b[8..16].copy_from_slice(&unique.to_le_bytes());
-    b[16..24].copy_from_slice(&nodeid.to_le_bytes());
+    codec::put_u32(&mut b, 0, (IN_HEADER_BYTES + arg.len()) as u32);
+    codec::put_u32(&mut b, 4, opcode);
+    codec::put_u64(&mut b, 8, unique);
+    codec::put_u64(&mut b, 16, nodeid);
     b.extend_from_slice(arg);
     b
 }
@@ -393,9 +388,7 @@ pub fn encode_request(opcode: u32, unique: u64, nodeid: u64, arg: &[u8]) -> Vec<
 mod tests {
     use super::*;
 
-    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-        Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-    }
+    use crate::core::codec::u16_at;
 
     const SHAPE: Shape = Shape {
         data_bytes: 1 << 30,
@@ -404,8 +397,8 @@ mod tests {
 
     fn rw_in(offset: u64, size: u32) -> Vec<u8> {
         let mut a = vec![0u8; 40];
-        a[8..16].copy_from_slice(&offset.to_le_bytes());
-        a[16..20].copy_from_slice(&size.to_le_bytes());
+        codec::put_u64(&mut a, 8, offset);
+        codec::put_u32(&mut a, 16, size);
         a
     }
 
@@ -562,10 +555,10 @@ mod tests {
 
     fn init_req(minor: u32, flags: u32) -> Vec<u8> {
         let mut a = vec![0u8; 64];
-        a[0..4].copy_from_slice(&7u32.to_le_bytes());
-        a[4..8].copy_from_slice(&minor.to_le_bytes());
-        a[8..12].copy_from_slice(&131072u32.to_le_bytes());
-        a[12..16].copy_from_slice(&flags.to_le_bytes());
+        codec::put_u32(&mut a, 0, 7u32);
+        codec::put_u32(&mut a, 4, minor);
+        codec::put_u32(&mut a, 8, 131072u32);
+        codec::put_u32(&mut a, 12, flags);
         encode_request(op::INIT, 1, 0, &a)
     }
 
