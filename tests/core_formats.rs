@@ -296,7 +296,11 @@ fn codec_round_trips_and_never_reads_past_the_end() {
     for n in 0..8 {
         assert_eq!(Reader::new(&b[..n.min(b.len())]).u64().is_some(), n >= 8);
     }
-    assert_eq!(Reader::new(&[5, b'a', b'b']).str8(), None, "length past the end");
+    assert_eq!(
+        Reader::new(&[5, b'a', b'b']).str8(),
+        None,
+        "length past the end"
+    );
     assert_eq!(Reader::new(&[2, 0xFF, 0xFE]).str8(), None, "not UTF-8");
     // Fixed offsets.
     let mut rec = vec![0u8; 16];

@@ -184,7 +184,7 @@ fn a_stop_with_writes_stuck_still_lets_the_device_go() {
     );
     let file = c.nodes[0].run_dir.join("fuse-r0/data");
     assert!(
-        tandem::shell::frontend::loops_backed_by(&file).is_empty(),
+        tandem::shell::fuse_loop::loops_backed_by(&file).is_empty(),
         "the loop device outlived the daemon"
     );
     assert!(

@@ -2,17 +2,19 @@
 //! actions against the backing disk, the peer connections and the frontend.
 //!
 //! The driver thread owns the core and the backing disk's io_uring. With the ring it
-//! reads FUSE requests and peer frames itself: readiness polls on `/dev/fuse` and on the
-//! peer sockets sit in the same ring as the disk requests. Everything else that happens
+//! reads the frontend's requests (a [`Frontend`]; it does not know which) and peer frames
+//! itself: readiness polls on the frontend's descriptor and on the peer sockets sit in
+//! the same ring as the disk requests. Everything else that happens
 //! to the resource arrives as an [`Event`] on one channel: accepted connections, admin
 //! commands, witness replies. The thread handles what is there, drains the core's
 //! actions, and sleeps in `io_uring_enter` until a disk completion, a readable device or
 //! socket, a new event (an eventfd the ring watches) or the core's next deadline. An
 //! application write thus crosses no thread inside the daemon: the driver reads it from
-//! `/dev/fuse`, submits it to the disk, reaps the completion and answers FUSE itself;
+//! the frontend, submits it to the disk, reaps the completion and answers it itself;
 //! a flush is an fdatasync on this thread. No lock is shared with the hot path: the core
 //! is owned by this thread alone. Where io_uring is not allowed, a disk worker thread
-//! (pread/pwrite) sends completions as events and a FUSE reader thread sends requests.
+//! (pread/pwrite) sends completions as events and the frontend's reader thread sends
+//! requests.
 //!
 //! Peer connections: two TCP connections per peer, `data` (writes, resync) and `meta`
 //! (acks, pings), so that acknowledgements never wait behind bulk data. The node whose
@@ -49,7 +51,10 @@ use crate::core::witness;
 use crate::core::Instant;
 use crate::shell::control::Reply;
 use crate::shell::disk::{AlignedBuf, Completion, Disk, DiskOp, Ring};
-use crate::shell::frontend::{self, AppRequest, FuseDevice, FuseState, ReadDone, SECTOR_BYTES};
+use crate::shell::frontend::{
+    self, AppRequest, BlockDevice, Frontend, ReadDone, RequestState, SECTOR_BYTES,
+};
+use crate::shell::fuse_loop::FuseLoop;
 use crate::shell::net::{self, Attached};
 use crate::shell::sendq::{self, SendQueue};
 use crate::shell::services::{self, Service};
@@ -69,11 +74,11 @@ const NET_POLL_BIT: u64 = 1 << 63;
 /// not hold up the disk and the other channel.
 const RX_BUDGET_BYTES: usize = 4 << 20;
 
-/// Ring tag of the readiness poll on `/dev/fuse`: that of connection 0, which never
+/// Ring tag of the readiness poll on the frontend: that of connection 0, which never
 /// exists (connections are numbered from 1).
-const FUSE_POLL_TAG: u64 = NET_POLL_BIT;
-/// FUSE requests taken per readiness, so that a burst does not hold up the peer.
-const FUSE_BUDGET_REQUESTS: usize = 256;
+const FRONTEND_POLL_TAG: u64 = NET_POLL_BIT;
+/// Frontend requests taken per readiness, so that a burst does not hold up the peer.
+const FRONTEND_BUDGET_REQUESTS: usize = 256;
 
 fn net_poll_tag(conn: u64, channel: usize) -> u64 {
     NET_POLL_BIT | (conn << 1) | channel as u64
@@ -288,9 +293,12 @@ struct Driver {
     backoff_ms: u64,
     dial_failures: u64,
     pending_data: Option<TcpStream>,
-    fuse: FuseDevice,
-    /// Reused for the requests of one FUSE readiness.
-    fuse_reqs: Vec<AppRequest>,
+    /// Where the application's requests come from (FUSE + loop today).
+    frontend: Box<dyn Frontend>,
+    /// What makes the device appear and go, for the helper threads that do it.
+    device: Arc<dyn BlockDevice>,
+    /// Reused for the requests of one frontend readiness.
+    frontend_reqs: Vec<AppRequest>,
     link: PathBuf,
     loop_dev: Option<PathBuf>,
     device_busy: bool,
@@ -390,16 +398,19 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
             Backing::Thread(d)
         }
     };
-    let mut fuse = FuseDevice::mount(&s.mountpoint, s.core.data_bytes())?;
-    match &mut disk {
-        Backing::Ring(r) => r.poll_readable(FUSE_POLL_TAG, fuse.raw_fd()),
-        Backing::Thread(_) => {
+    let mut frontend: Box<dyn Frontend> =
+        Box::new(FuseLoop::mount(&s.mountpoint, s.core.data_bytes())?);
+    match (&mut disk, frontend.poll_fd()) {
+        (Backing::Ring(r), Some(fd)) => r.poll_readable(FRONTEND_POLL_TAG, fd),
+        _ => {
             let ftx = tx.clone();
-            fuse.spawn_reader(Arc::new(move |r| {
+            frontend.spawn_reader(Arc::new(move |r| {
                 let _ = ftx.send(Event::App(r));
             }))?
         }
     }
+    tracing::info!(resource = %name, frontend = frontend.name(), "frontend ready");
+    let device = frontend.device();
     frontend::remove_link(&s.link);
     let dialer = s.peer.local_node < s.peer.peer_node;
     let witness_tx = s.peer.witness_addr.map(|addr| {
@@ -444,8 +455,9 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         backoff_ms: 0,
         dial_failures: 0,
         pending_data: None,
-        fuse,
-        fuse_reqs: Vec::new(),
+        frontend,
+        device,
+        frontend_reqs: Vec::new(),
         link: s.link,
         loop_dev: None,
         device_busy: false,
@@ -584,15 +596,15 @@ impl Driver {
         self.close_peer();
         if let Some(dev) = self.loop_dev.take() {
             frontend::remove_link(&self.link);
-            if let Err(e) = frontend::detach_loop(&dev) {
-                tracing::warn!(resource = %self.name, error = %e, "detach loop device");
+            if let Err(e) = self.device.detach(&dev) {
+                tracing::warn!(resource = %self.name, error = %e, "detach the device");
             }
         }
         if let Backing::Ring(r) = &mut self.disk {
-            r.cancel_polls(FUSE_POLL_TAG);
+            r.cancel_polls(FRONTEND_POLL_TAG);
             r.flush_submissions();
         }
-        self.fuse.unmount();
+        self.frontend.close();
         tracing::info!(resource = %self.name, "stopped");
         if let Some(r) = self.shutdown.take() {
             let _ = r.send(());
@@ -744,7 +756,7 @@ impl Driver {
                     if self.loop_dev.as_ref().is_some_and(|d| frontend::in_use(d)) {
                         tracing::warn!(resource = %self.name, "stopping while the device is in use; its users will see I/O errors");
                     }
-                    self.fuse.set_writable(false);
+                    self.frontend.set_writable(false);
                     if let Err(e) = self.core.handle_admin(now, AdminCmd::Demote) {
                         tracing::warn!(resource = %self.name, error = %e, "demote on shutdown; the next start resyncs the activity log");
                     }
@@ -873,26 +885,28 @@ impl Driver {
         }
     }
 
-    /// The ring says `/dev/fuse` is readable: take the waiting requests.
-    fn on_fuse_readable(&mut self, now: Instant) {
-        let mut reqs = std::mem::take(&mut self.fuse_reqs);
-        let state = self.fuse.read_requests(FUSE_BUDGET_REQUESTS, &mut reqs);
+    /// The ring says the frontend is readable: take the waiting requests.
+    fn on_frontend_readable(&mut self, now: Instant) {
+        let mut reqs = std::mem::take(&mut self.frontend_reqs);
+        let state = self
+            .frontend
+            .read_requests(FRONTEND_BUDGET_REQUESTS, &mut reqs);
         for r in reqs.drain(..) {
             self.on_app(now, r);
         }
-        self.fuse_reqs = reqs;
-        match (state, &mut self.disk) {
-            (FuseState::Gone, _) => {
-                tracing::info!(resource = %self.name, "FUSE connection closed");
+        self.frontend_reqs = reqs;
+        match (state, &mut self.disk, self.frontend.poll_fd()) {
+            (RequestState::Gone, _, _) => {
+                tracing::info!(resource = %self.name, frontend = self.frontend.name(), "the frontend closed");
             }
-            (_, Backing::Ring(r)) => r.poll_readable(FUSE_POLL_TAG, self.fuse.raw_fd()),
-            (_, Backing::Thread(_)) => {}
+            (_, Backing::Ring(r), Some(fd)) => r.poll_readable(FRONTEND_POLL_TAG, fd),
+            _ => {}
         }
     }
 
     fn on_disk(&mut self, now: Instant, c: Completion) {
-        if c.tag == FUSE_POLL_TAG {
-            return self.on_fuse_readable(now);
+        if c.tag == FRONTEND_POLL_TAG {
+            return self.on_frontend_readable(now);
         }
         if c.tag & NET_POLL_BIT != 0 {
             return self.on_peer_readable(now, c.tag);
@@ -1056,7 +1070,7 @@ impl Driver {
             return;
         }
         if role == Role::Primary {
-            self.fuse.set_writable(true);
+            self.frontend.set_writable(true);
             if self.loop_dev.is_some() {
                 // Still attached from a step-down whose device was in use.
                 if let Some(r) = reply {
@@ -1068,11 +1082,11 @@ impl Driver {
                 return;
             }
             self.device_busy = true;
-            let file = self.fuse.file.clone();
+            let device = self.device.clone();
             let tx = self.tx.clone();
             let link = self.link.clone();
             std::thread::spawn(move || {
-                let attached = frontend::attach_loop(&file).map_err(|e| e.to_string());
+                let attached = device.attach().map_err(|e| e.to_string());
                 let message = format!("primary; device {}", link.display());
                 let _ = tx.send(Event::DeviceDone {
                     attached: Some(attached),
@@ -1082,7 +1096,7 @@ impl Driver {
             });
             return;
         }
-        self.fuse.set_writable(false);
+        self.frontend.set_writable(false);
         if self.promoter.phase() != Phase::Idle {
             // Stepped down (a newer term): stop the services, then let the device go.
             if let Some(r) = reply {
@@ -1109,8 +1123,9 @@ impl Driver {
             Some(dev) => {
                 self.device_busy = true;
                 let tx = self.tx.clone();
+                let device = self.device.clone();
                 std::thread::spawn(move || {
-                    let message = match frontend::detach_loop(&dev) {
+                    let message = match device.detach(&dev) {
                         Ok(()) => "secondary".to_string(),
                         Err(e) => format!("secondary; detaching {}: {e}", dev.display()),
                     };

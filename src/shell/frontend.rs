@@ -1,27 +1,18 @@
-//! How the database sees the device: a FUSE file per resource, attached to a loop device
-//! on the primary, with `/dev/tandem/RES` (or the configured path) linking to it.
+//! How the database sees the device, behind one trait: a [`Frontend`] delivers the
+//! block requests of `/dev/tandem/RES` as [`AppRequest`]s and answers them through their
+//! boxed completions when the core says so; its [`BlockDevice`] makes the device appear on
+//! the primary and go again. The resource's driver drives both without knowing which
+//! frontend it is. FUSE over a loop device ([`crate::shell::fuse_loop`]) is the one there
+//! is; ublk and NBD come next.
 //!
-//! Tandem serves the FUSE connection itself ([`crate::shell::fuse`] has the protocol).
-//! With io_uring, the resource's driver thread reads `/dev/fuse` when its ring says the
-//! device is readable ([`FuseDevice::read_requests`]), so a request reaches the core
-//! without a thread hand-off; without io_uring, a reader thread sends the requests on
-//! ([`FuseDevice::spawn_reader`]). Either way, data requests become [`AppRequest`]s,
-//! answered through their boxed completion when the core says so, from whatever thread
-//! calls it; metadata requests are answered at once.
-//!
-//! The loop device is attached on promotion and detached on demotion, so on a secondary
-//! the device is absent. Its logical block size is 4 KiB, so every request that reaches
-//! the daemon is 4 KiB aligned, as O_DIRECT on the backing disk needs.
+//! Also here: what any block device needs (is it in use, by whom, the `/dev/tandem/RES`
+//! link).
 
-use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::shell::disk::AlignedBuf;
-use crate::shell::fuse::{self, Request, Shape};
 
 pub use crate::shell::fuse::{DATA_FILE, SECTOR_BYTES};
 
@@ -49,35 +40,9 @@ pub enum AppRequest {
 /// Where the frontend's reader thread sends requests; the driver's event channel.
 pub type Submit = Arc<dyn Fn(AppRequest) + Send + Sync>;
 
-/// How long a fresh mount may take to send its INIT request.
-const INIT_TIMEOUT_MS: u16 = 5000;
-
-/// The open `/dev/fuse` of one mount; replies go out through it from any thread.
-struct Chan {
-    fd: OwnedFd,
-}
-
-impl Chan {
-    fn reply(&self, unique: u64, result: Result<&[u8], i32>) {
-        let (error, payload) = match result {
-            Ok(p) => (0, p),
-            Err(e) => (-e, &[][..]),
-        };
-        let h = fuse::out_header(unique, error, payload.len());
-        match nix::sys::uio::writev(&self.fd, &[IoSlice::new(&h), IoSlice::new(payload)]) {
-            Ok(_) => {}
-            // The request was interrupted or the mount went away: nobody waits for it.
-            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV) => {
-                tracing::debug!(unique, "FUSE reply to a request nobody waits for")
-            }
-            Err(e) => tracing::warn!(unique, error = %e, "FUSE reply failed"),
-        }
-    }
-}
-
-/// Whether more requests may be waiting.
+/// Whether more requests may be waiting after a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FuseState {
+pub enum RequestState {
     /// None left now: wait for readiness.
     WouldBlock,
     /// The budget ran out with requests possibly left.
@@ -86,78 +51,31 @@ pub enum FuseState {
     Gone,
 }
 
-/// Reads requests from `/dev/fuse` into one buffer big enough for the largest.
-struct Reader {
-    chan: Arc<Chan>,
-    buf: Vec<u8>,
-    data_bytes: u64,
-    writable: Arc<AtomicBool>,
+/// A frontend: where application requests come from, and how they are answered.
+pub trait Frontend: Send {
+    /// For logs and `status` (`fuse`).
+    fn name(&self) -> &'static str;
+    /// A descriptor that is readable when requests wait, for the driver's ring to poll;
+    /// `None` once the requests come from a thread of the frontend's own.
+    fn poll_fd(&self) -> Option<RawFd>;
+    /// Take up to `max_requests` waiting requests without blocking.
+    fn read_requests(&mut self, max_requests: usize, out: &mut Vec<AppRequest>) -> RequestState;
+    /// Deliver requests from a thread of its own to `submit` (a driver without a ring).
+    fn spawn_reader(&mut self, submit: Submit) -> Result<(), FrontendError>;
+    /// Writes are served only while primary; the rest get EROFS.
+    fn set_writable(&self, on: bool);
+    /// What makes the device appear and go: called on helper threads, it may block.
+    fn device(&self) -> Arc<dyn BlockDevice>;
+    /// Stop serving; what is still in flight fails.
+    fn close(&mut self);
 }
 
-impl Reader {
-    /// Read and decode up to `max_requests` requests, answering metadata requests at
-    /// once and pushing data requests onto `out`.
-    fn read_available(&mut self, max_requests: usize, out: &mut Vec<AppRequest>) -> FuseState {
-        for _ in 0..max_requests {
-            let n = match nix::unistd::read(self.chan.fd.as_raw_fd(), &mut self.buf) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EAGAIN) => return FuseState::WouldBlock,
-                // Interrupted, or a request withdrawn before we read it: read on.
-                Err(nix::errno::Errno::EINTR | nix::errno::Errno::ENOENT) => continue,
-                Err(nix::errno::Errno::ENODEV) => return FuseState::Gone,
-                Err(e) => {
-                    tracing::error!(error = %e, "reading /dev/fuse failed; the device stops serving");
-                    return FuseState::Gone;
-                }
-            };
-            let shape = Shape {
-                data_bytes: self.data_bytes,
-                writable: self.writable.load(Ordering::Acquire),
-            };
-            let chan = &self.chan;
-            match fuse::parse(&self.buf[..n], shape) {
-                Request::None => {}
-                Request::Reply { unique, result } => {
-                    chan.reply(unique, result.as_deref().map_err(|&e| e))
-                }
-                Request::Write {
-                    unique,
-                    offset,
-                    data,
-                } => {
-                    let chan = chan.clone();
-                    let mut written = [0u8; 8];
-                    crate::core::codec::put_u32(&mut written, 0, data.len() as u32);
-                    // The one copy of a write's payload: from the request buffer into an
-                    // aligned one that O_DIRECT and the network share from here on.
-                    out.push(AppRequest::Write {
-                        offset,
-                        data: AlignedBuf::from_slice(data),
-                        done: Box::new(move |r| chan.reply(unique, r.map(|()| &written[..]))),
-                    });
-                }
-                Request::Read {
-                    unique,
-                    offset,
-                    len,
-                } => {
-                    let chan = chan.clone();
-                    out.push(AppRequest::Read {
-                        offset,
-                        len,
-                        done: Box::new(move |r| chan.reply(unique, r)),
-                    });
-                }
-                Request::Fsync { unique } => {
-                    let chan = chan.clone();
-                    out.push(AppRequest::Flush {
-                        done: Box::new(move |r| chan.reply(unique, r.map(|()| &[][..]))),
-                    });
-                }
-            }
-        }
-        FuseState::Budget
-    }
+/// The block device a frontend exposes on the primary.
+pub trait BlockDevice: Send + Sync {
+    /// Make it appear; returns its path (what `/dev/tandem/RES` links to).
+    fn attach(&self) -> Result<PathBuf, FrontendError>;
+    /// Make it go. Still open elsewhere, it may go at its last close.
+    fn detach(&self, dev: &Path) -> Result<(), FrontendError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,264 +86,9 @@ pub enum FrontendError {
     Command(String),
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> FrontendError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> FrontendError {
     let what = what.into();
     move |err| FrontendError::Io { what, err }
-}
-
-/// A mounted FUSE device file. Dropping it unmounts.
-pub struct FuseDevice {
-    pub mountpoint: PathBuf,
-    pub file: PathBuf,
-    writable: Arc<AtomicBool>,
-    chan: Arc<Chan>,
-    /// Here until [`FuseDevice::spawn_reader`] moves it to its thread.
-    reader: Option<Reader>,
-    /// The reader thread and the eventfd that stops it.
-    thread: Option<(std::thread::JoinHandle<()>, OwnedFd)>,
-    mounted: bool,
-}
-
-impl FuseDevice {
-    /// Mount the resource's FUSE file at `mountpoint`, first clearing what a crashed
-    /// daemon may have left there (its loop devices and its dead mount), and answer the
-    /// kernel's INIT, so that the file is ready when this returns.
-    pub fn mount(mountpoint: &Path, data_bytes: u64) -> Result<FuseDevice, FrontendError> {
-        let file = mountpoint.join(DATA_FILE);
-        for dev in loops_backed_by(&file) {
-            tracing::warn!(device = %dev.display(), "detaching a loop device left by an earlier run");
-            if let Err(e) = detach_loop(&dev) {
-                tracing::warn!(device = %dev.display(), error = %e, "could not detach stale loop device");
-            }
-        }
-        // A stale FUSE mount answers ENOTCONN; a lazy unmount clears it even while old
-        // users still hold it.
-        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        std::fs::create_dir_all(mountpoint)
-            .map_err(io_err(format!("create {}", mountpoint.display())))?;
-        let raw = nix::fcntl::open(
-            "/dev/fuse",
-            nix::fcntl::OFlag::O_RDWR
-                | nix::fcntl::OFlag::O_CLOEXEC
-                | nix::fcntl::OFlag::O_NONBLOCK,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| io_err("open /dev/fuse")(e.into()))?;
-        // SAFETY: `open` just returned this descriptor and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let options = format!(
-            "fd={},rootmode=40000,user_id={},group_id={}",
-            fd.as_raw_fd(),
-            nix::unistd::geteuid(),
-            nix::unistd::getegid()
-        );
-        nix::mount::mount(
-            Some("tandem"),
-            mountpoint,
-            Some("fuse.tandem"),
-            nix::mount::MsFlags::MS_NODEV
-                | nix::mount::MsFlags::MS_NOSUID
-                | nix::mount::MsFlags::MS_NOEXEC,
-            Some(options.as_str()),
-        )
-        .map_err(|e| io_err(format!("FUSE mount at {}", mountpoint.display()))(e.into()))?;
-        let chan = Arc::new(Chan { fd });
-        let writable = Arc::new(AtomicBool::new(false));
-        let mut dev = FuseDevice {
-            mountpoint: mountpoint.to_path_buf(),
-            file,
-            writable: writable.clone(),
-            chan: chan.clone(),
-            reader: Some(Reader {
-                chan,
-                buf: vec![0u8; fuse::REQUEST_BUF_BYTES],
-                data_bytes,
-                writable,
-            }),
-            thread: None,
-            mounted: true,
-        };
-        // On an error, dropping `dev` unmounts again.
-        dev.answer_init()?;
-        Ok(dev)
-    }
-
-    fn answer_init(&mut self) -> Result<(), FrontendError> {
-        use nix::poll::{PollFd, PollFlags, PollTimeout};
-        let what = format!("FUSE INIT at {}", self.mountpoint.display());
-        let fd = self.chan.fd.as_fd();
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        match nix::poll::poll(&mut fds, PollTimeout::from(INIT_TIMEOUT_MS)) {
-            Ok(0) => {
-                return Err(FrontendError::Command(format!(
-                    "{what}: no request from the kernel"
-                )))
-            }
-            Ok(_) => {}
-            Err(e) => return Err(io_err(what)(e.into())),
-        }
-        let Some(reader) = self.reader.as_mut() else {
-            return Err(FrontendError::Command(format!("{what}: no reader")));
-        };
-        let n = nix::unistd::read(fd.as_raw_fd(), &mut reader.buf)
-            .map_err(|e| io_err(what.clone())(e.into()))?;
-        let init = fuse::init_reply(&reader.buf[..n])
-            .map_err(|e| FrontendError::Command(format!("{what}: {e}")))?;
-        self.chan.reply(init.unique, Ok(&init.reply));
-        if !init.async_dio {
-            tracing::warn!(
-                "kernel without FUSE_ASYNC_DIO: device requests are served one at a time"
-            );
-        }
-        Ok(())
-    }
-
-    /// The `/dev/fuse` descriptor, for a readiness poll; readable when requests wait.
-    pub fn raw_fd(&self) -> RawFd {
-        self.chan.fd.as_raw_fd()
-    }
-
-    /// Take up to `max_requests` waiting requests without blocking (the caller polls
-    /// [`FuseDevice::raw_fd`]). Metadata requests are answered here; data requests are
-    /// pushed onto `out`. After [`FuseDevice::spawn_reader`], always `Gone`.
-    pub fn read_requests(&mut self, max_requests: usize, out: &mut Vec<AppRequest>) -> FuseState {
-        match self.reader.as_mut() {
-            Some(r) => r.read_available(max_requests, out),
-            None => FuseState::Gone,
-        }
-    }
-
-    /// Serve the requests from a thread of their own, sending data requests to `submit`
-    /// (for a driver without io_uring to poll with).
-    pub fn spawn_reader(&mut self, submit: Submit) -> Result<(), FrontendError> {
-        let Some(mut reader) = self.reader.take() else {
-            return Ok(());
-        };
-        let stop = nix::sys::eventfd::EventFd::from_value_and_flags(
-            0,
-            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
-        )
-        .map_err(|e| io_err("eventfd")(e.into()))?;
-        let stop = OwnedFd::from(stop);
-        let stop_thread = stop.try_clone().map_err(io_err("dup eventfd"))?;
-        let thread = std::thread::Builder::new()
-            .name("tandem-fuse".into())
-            .spawn(move || {
-                use nix::poll::{PollFd, PollFlags, PollTimeout};
-                let mut out = Vec::new();
-                loop {
-                    let mut fds = [
-                        PollFd::new(reader.chan.fd.as_fd(), PollFlags::POLLIN),
-                        PollFd::new(stop_thread.as_fd(), PollFlags::POLLIN),
-                    ];
-                    match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                        Err(e) => {
-                            tracing::error!(error = %e, "poll /dev/fuse failed; the device stops serving");
-                            return;
-                        }
-                    }
-                    if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-                        return;
-                    }
-                    let state = reader.read_available(256, &mut out);
-                    for r in out.drain(..) {
-                        submit(r);
-                    }
-                    if state == FuseState::Gone {
-                        return;
-                    }
-                }
-            })
-            .map_err(io_err("spawn the FUSE reader thread"))?;
-        self.thread = Some((thread, stop));
-        Ok(())
-    }
-
-    pub fn set_writable(&self, on: bool) {
-        self.writable.store(on, Ordering::Release);
-    }
-
-    pub fn unmount(&mut self) {
-        if !std::mem::take(&mut self.mounted) {
-            return;
-        }
-        if let Err(e) = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
-            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "FUSE unmount; detaching lazily");
-            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        }
-        if let Some((thread, stop)) = self.thread.take() {
-            if let Err(e) = nix::unistd::write(&stop, &1u64.to_ne_bytes()) {
-                tracing::warn!(error = %e, "cannot stop the FUSE reader thread");
-            } else if thread.join().is_err() {
-                tracing::error!("the FUSE reader thread panicked");
-            }
-        }
-    }
-}
-
-impl Drop for FuseDevice {
-    fn drop(&mut self) {
-        self.unmount();
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<String, FrontendError> {
-    let out = cmd
-        .output()
-        .map_err(io_err(format!("run {:?}", cmd.get_program())))?;
-    if !out.status.success() {
-        return Err(FrontendError::Command(format!(
-            "{:?} failed: {}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// Attach `file` to a free loop device with 4 KiB sectors and direct I/O (the loop
-/// device then submits asynchronously and keeps many requests in flight; buffered, it
-/// serves one at a time); returns `/dev/loopN`.
-pub fn attach_loop(file: &Path) -> Result<PathBuf, FrontendError> {
-    let dev = run(Command::new("losetup")
-        .args([
-            "--find",
-            "--show",
-            "--sector-size",
-            "4096",
-            "--direct-io=on",
-        ])
-        .arg(file))?;
-    Ok(PathBuf::from(dev))
-}
-
-/// Detach a loop device. Still open elsewhere, the kernel detaches it at its last close.
-pub fn detach_loop(dev: &Path) -> Result<(), FrontendError> {
-    run(Command::new("losetup").arg("-d").arg(dev)).map(|_| ())
-}
-
-/// Loop devices whose backing file is `file` (also ones left by a crashed daemon).
-pub fn loops_backed_by(file: &Path) -> Vec<PathBuf> {
-    let want = file.to_string_lossy().to_string();
-    let Ok(dir) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let b = b.trim();
-        if b == want || b.strip_suffix(" (deleted)") == Some(want.as_str()) {
-            out.push(PathBuf::from(format!("/dev/{name}")));
-        }
-    }
-    out
 }
 
 /// Whether a block device is mounted or held open exclusively. An exclusive open fails

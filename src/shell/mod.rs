@@ -6,6 +6,7 @@ pub mod disk;
 pub mod driver;
 pub mod frontend;
 pub mod fuse;
+pub mod fuse_loop;
 pub mod http;
 pub mod md;
 pub mod net;

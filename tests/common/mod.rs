@@ -770,7 +770,7 @@ impl Drop for Cluster {
         // Loop devices on the nodes' FUSE files, then the FUSE mounts themselves.
         for n in &self.nodes {
             let file = n.run_dir.join("fuse-r0/data");
-            for dev in tandem::shell::frontend::loops_backed_by(&file) {
+            for dev in tandem::shell::fuse_loop::loops_backed_by(&file) {
                 let _ = quiet(Command::new("losetup").arg("-d").arg(&dev));
             }
             let _ =
