@@ -448,3 +448,36 @@ fn a_promotion_refused_for_a_running_lease_is_asked_again_when_it_ends() {
         "asked again right after the lease"
     );
 }
+
+/// Both nodes crashed as primaries of the same generation, but the witness fenced this
+/// one (outdated) before the other's promotion: the up-to-date peer is the sync source,
+/// whatever the crashed-primary tie-break says (simulator seed 90002467 C resynced an
+/// outdated node onto an up-to-date one and left it outdated).
+#[test]
+fn an_outdated_crashed_primary_becomes_the_sync_target_of_an_up_to_date_peer() {
+    use tandem::core::meta::{FLAG_CRASHED_PRIMARY, FLAG_OUTDATED};
+    use tandem::core::resource::Conn;
+    let mut o = One::with_sb(
+        Protocol::C,
+        |_| {},
+        |sb| {
+            sb.set(FLAG_OUTDATED, true);
+            sb.set(FLAG_CRASHED_PRIMARY, true);
+        },
+    );
+    o.finish_meta();
+    // "alpha" sorts first and would win the tie between two crashed primaries.
+    let size = o.r.data_bytes();
+    o.hello_from_peer(size, tandem::core::wire::HELLO_CRASHED_PRIMARY);
+    o.finish_meta();
+    assert!(
+        matches!(
+            o.r.conn(),
+            Conn::WfBitmap { source: false }
+                | Conn::SyncStarting { source: false }
+                | Conn::SyncTarget
+        ),
+        "{:?}",
+        o.r.conn()
+    );
+}

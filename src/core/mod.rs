@@ -2,13 +2,14 @@
 //!
 //! The core never touches a socket, a file, a thread or a clock. Time comes in as
 //! [`Instant`] values with every event; randomness comes in as a seed. The shells
-//! (`crate::shell`) and the deterministic simulator (`tests/sim.rs`) drive the same code.
+//! (`crate::shell`) and the deterministic simulator (`tests/sim/`) drive the same code.
 
 pub mod al;
 pub mod auth;
 pub mod bitmap;
 pub mod codec;
 pub mod meta;
+pub mod node;
 pub mod promoter;
 pub mod quorum;
 pub mod resource;

@@ -20,9 +20,18 @@ impl One {
         One::with(protocol, |_| {})
     }
     pub fn with(protocol: Protocol, tweak: impl FnOnce(&mut Params)) -> One {
+        One::with_sb(protocol, tweak, |_| {})
+    }
+    /// As [`One::with`], with the superblock it starts from changed by `tweak_sb`.
+    pub fn with_sb(
+        protocol: Protocol,
+        tweak: impl FnOnce(&mut Params),
+        tweak_sb: impl FnOnce(&mut Superblock),
+    ) -> One {
         let layout = Layout::compute(DEV, 4096, 8).expect("layout");
         let uuid = meta::assume_clean_uuid("r0", layout.data_bytes);
-        let sb = Superblock::fresh(layout, "r0", "alpha", 4 << 20, 16, Some(uuid));
+        let mut sb = Superblock::fresh(layout, "r0", "alpha", 4 << 20, 16, Some(uuid));
+        tweak_sb(&mut sb);
         let md = Metadata {
             sb,
             bitmap_bytes: vec![0; layout.bitmap_bytes as usize],

@@ -195,6 +195,26 @@ impl Resource {
                 SyncDecision::SplitBrain if peer_term < my_term => {
                     (SyncDecision::SourceUseBitmap, "newer-term")
                 }
+                // The same generation, and one side outdated (the witness fenced it): the
+                // up-to-date side is the source, whichever crashed as primary. An
+                // outdated node holds nothing acknowledged that the other lacks.
+                SyncDecision::SourceUseBitmap
+                    if local.gen.current == peer.gen.current
+                        && self.disk_state() == DiskState::Outdated
+                        && self.peer_disk == DiskState::UpToDate =>
+                {
+                    (
+                        SyncDecision::TargetUseBitmap,
+                        "equal-current-local-outdated",
+                    )
+                }
+                SyncDecision::TargetUseBitmap
+                    if local.gen.current == peer.gen.current
+                        && self.disk_state() == DiskState::UpToDate
+                        && self.peer_disk == DiskState::Outdated =>
+                {
+                    (SyncDecision::SourceUseBitmap, "equal-current-peer-outdated")
+                }
                 d => (d, r.name()),
             }
         };

@@ -386,6 +386,16 @@ impl Resource {
 
     // ----- queries -------------------------------------------------------------------
 
+    /// The resource's name.
+    pub fn name(&self) -> &str {
+        &self.p.resource
+    }
+
+    /// The peer's node name.
+    pub fn peer_node(&self) -> &str {
+        &self.p.peer_node
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }

@@ -148,10 +148,12 @@ impl Resource {
                 && self.conn == Conn::Established
                 && self.peer_disk == DiskState::UpToDate;
             (WitnessOp::Adopt, if peer_ok { peer } else { String::new() })
-        } else if self.role != Role::Primary && self.want_promote.is_some() {
-            if !self.stonith_allows_promotion() {
-                return;
-            }
+        } else if self.role != Role::Primary
+            && self.want_promote.is_some()
+            // While the fence-peer handler has not said yes, the node still asks what
+            // it must know (an unanswered promotion, the periodic query).
+            && self.stonith_allows_promotion()
+        {
             (WitnessOp::Promote, String::new())
         } else if self.role != Role::Primary && self.promote_uncertain {
             (WitnessOp::Query, String::new())

@@ -133,6 +133,21 @@ pub enum AdminError {
     FlushFailed,
     #[error("fence-peer: {0}; not promoting")]
     FencePeer(String),
+    // Refusals and outcomes of the node's role steps (`crate::core::node`).
+    #[error("services are already being stopped")]
+    ServicesStopping,
+    #[error("a role change is still in progress; try again")]
+    RoleChangeInProgress,
+    #[error("{0}")]
+    DeviceBusy(String),
+    #[error("promoted, but the device could not be attached: {0}")]
+    DeviceAttach(String),
+    #[error("promoted, but {0}")]
+    DeviceLink(String),
+    #[error("not demoted: {0}")]
+    NotDemoted(String),
+    #[error("the resource is stopping")]
+    Stopping,
 }
 
 /// How an accepted admin command ends.

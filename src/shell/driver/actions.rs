@@ -1,5 +1,5 @@
 //! Carrying out the core's actions: disk I/O, sends, witness requests, the fence-peer
-//! handler, admin answers and buffers.
+//! handler and buffers.
 
 use super::*;
 
@@ -18,7 +18,7 @@ impl Driver {
                 None => {
                     tracing::error!(resource = %self.name, buf = buf.0, "core wrote a buffer the driver does not hold");
                     let now = self.now();
-                    self.core.handle_disk_done(now, io, false);
+                    self.node.handle_disk_done(now, io, false);
                 }
             },
             Action::DiskRead {
@@ -100,46 +100,11 @@ impl Driver {
                     self.pending_data = None;
                 }
             }
-            Action::RoleChanged(role) => self.on_role_changed(role),
-            Action::FailBack => {
-                let busy = self.after_services.is_some()
-                    || self.switchover.is_some()
-                    || !matches!(self.promoter.phase(), Phase::Running | Phase::Idle);
-                if !busy {
-                    let (tx, rx) = oneshot::channel::<Reply>();
-                    let name = self.name.clone();
-                    self.rt.spawn(async move {
-                        if let Ok(r) = rx.await {
-                            match r.error {
-                                None => tracing::info!(resource = %name, message = r.message.unwrap_or_default(), "fail-back done"),
-                                Some(e) => tracing::error!(resource = %name, error = %e, "fail-back failed"),
-                            }
-                        }
-                    });
-                    let now = self.now();
-                    self.on_admin(now, AdminCmd::Switchover, tx);
-                }
+            Action::RoleChanged(role) => {
+                tracing::info!(resource = %self.name, ?role, "role changed");
             }
-            Action::AdminDone(result) if self.switchover.is_some() => {
-                if let Some((r, asked, demoted_ms)) = self.switchover.take() {
-                    let _ = r.send(match result {
-                        Ok(()) => Reply::ok(format!(
-                            "switched over: {} is primary {} ms after the request (this node demoted after {demoted_ms} ms; its services start now)",
-                            self.peer.peer_node,
-                            asked.elapsed().as_millis()
-                        )),
-                        Err(e) => Reply::err(e.to_string()),
-                    });
-                }
-            }
-            Action::AdminDone(result) => {
-                if let Some((r, ok)) = self.promote_reply.take() {
-                    let _ = r.send(match result {
-                        Ok(()) => Reply::ok(ok),
-                        Err(e) => Reply::err(e.to_string()),
-                    });
-                }
-            }
+            // The node answers these itself and never passes them on.
+            Action::FailBack | Action::AdminDone(_) => {}
             Action::FencePeer { timeout_ms } => match self.peer.fence_peer.clone() {
                 Some(cmd) => {
                     let env = FencePeerEnv {
@@ -156,14 +121,14 @@ impl Driver {
                 }
                 None => {
                     let now = self.now();
-                    self.core.handle_fence_peer_done(now, None);
+                    self.node.handle_fence_peer_done(now, None);
                 }
             },
             Action::Witness { req, timeout_ms } => match &self.witness_tx {
                 Some(w) if w.send((req, timeout_ms)).is_ok() => {}
                 _ => {
                     let now = self.now();
-                    self.core.handle_witness_reply(now, None);
+                    self.node.handle_witness_reply(now, None);
                 }
             },
         }

@@ -12,16 +12,16 @@ impl Driver {
                 let len = data.len() as u64;
                 self.bufs.insert(req, Arc::new(data));
                 self.writes.insert(req, (done, std::time::Instant::now()));
-                self.core.handle_app_write(now, ReqId(req), offset, len);
+                self.node.handle_app_write(now, ReqId(req), offset, len);
             }
             AppRequest::Flush { done } => {
                 let req = self.next_req;
                 self.next_req += 1;
                 self.flushes.insert(req, done);
-                self.core.handle_app_flush(now, ReqId(req));
+                self.node.handle_app_flush(now, ReqId(req));
             }
             AppRequest::Read { offset, len, done } => {
-                let size = self.core.data_bytes();
+                let size = self.node.resource().data_bytes();
                 if offset >= size || len == 0 {
                     return done(Ok(&[]));
                 }
@@ -60,7 +60,7 @@ impl Driver {
             self.bufs.insert(id, Arc::new(d));
             BufId(id)
         });
-        self.core.handle_peer_message(now, f.term, f.msg, buf);
+        self.node.handle_peer_message(now, f.term, f.msg, buf);
     }
 
     pub(super) fn on_peer_down(&mut self, now: Instant, conn: u64, reason: String, eof: bool) {
@@ -80,7 +80,7 @@ impl Driver {
             return;
         }
         self.close_peer();
-        self.core.handle_peer_disconnected(now, &reason);
+        self.node.handle_peer_disconnected(now, &reason);
         self.maybe_dial();
     }
 
@@ -171,20 +171,20 @@ impl Driver {
         }
         let ok = c.result.is_ok();
         match kind {
-            IoKind::Write | IoKind::Flush => self.core.handle_disk_done(now, IoId(c.tag), ok),
+            IoKind::Write | IoKind::Flush => self.node.handle_disk_done(now, IoId(c.tag), ok),
             IoKind::Read { buf } => {
                 if let Ok(Some(b)) = c.result {
                     self.bufs.insert(buf.0, Arc::new(b));
                 }
-                self.core.handle_disk_done(now, IoId(c.tag), ok);
+                self.node.handle_disk_done(now, IoId(c.tag), ok);
             }
             IoKind::Meta if ok => {
                 let tag = c.tag | META_SYNC_BIT;
                 self.ios.insert(tag, IoKind::MetaSync { io: IoId(c.tag) });
                 self.submit(tag, DiskOp::Flush);
             }
-            IoKind::Meta => self.core.handle_disk_done(now, IoId(c.tag), false),
-            IoKind::MetaSync { io } => self.core.handle_disk_done(now, io, ok),
+            IoKind::Meta => self.node.handle_disk_done(now, IoId(c.tag), false),
+            IoKind::MetaSync { io } => self.node.handle_disk_done(now, io, ok),
         }
     }
 }

@@ -1,5 +1,7 @@
-//! The per-resource driver: one OS thread owns a core [`Resource`] and carries out its
-//! actions against the backing disk, the peer connections and the frontend.
+//! The per-resource driver: one OS thread owns a core [`Node`] (the [`Resource`], its
+//! services and role steps) and carries out its actions against the backing disk, the
+//! peer connections, the frontend, the block device and the services. It decides
+//! nothing: every wait, role step and escalation is the node's.
 //!
 //! The driver thread owns the core and the backing disk's io_uring. With the ring it
 //! reads the frontend's requests (a [`Frontend`]; it does not know which) and peer frames
@@ -42,9 +44,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::core::promoter::{OnDemoteFailure, Phase, Promoter, PromoterAction};
+use crate::core::node::{self, AttachOutcome, DetachOutcome, Node, NodeParams, Origin};
+use crate::core::promoter::OnDemoteFailure;
 use crate::core::resource::{
-    Action, AdminCmd, AdminReply, BufId, IoId, ReqError, ReqId, Resource, Role, StateKey,
+    Action, AdminCmd, BufId, IoId, ReqError, ReqId, Resource, Role, StateKey,
 };
 use crate::core::wire::{Channel, Msg};
 use crate::core::witness;
@@ -150,22 +153,22 @@ pub enum Event {
     Status {
         reply: oneshot::Sender<ResourceStatus>,
     },
-    /// Whether the device is still held, checked off the driver thread before `cmd`
-    /// (`busy`: why it cannot go).
+    /// Whether the device is still held, checked off the driver thread (`busy`: why it
+    /// cannot go).
     DeviceChecked {
-        cmd: AdminCmd,
-        reply: oneshot::Sender<Reply>,
         busy: Option<String>,
     },
-    /// The loop device was attached (promote) or detached (demote).
-    DeviceDone {
-        attached: Option<Result<PathBuf, String>>,
-        reply: Option<oneshot::Sender<Reply>>,
-        message: String,
+    /// The device was attached (`dev`: the device made, if any).
+    DeviceAttached {
+        dev: Option<PathBuf>,
+        outcome: AttachOutcome,
     },
-    /// Stop: demote (services first), wait until nothing is in flight, then let the
-    /// device go. At `give_up_at` the thread stops even with I/O still in flight (it
-    /// fails), so the loop device and the FUSE mount never outlive the daemon.
+    /// The device was detached, or was not because it is in use.
+    DeviceDetached(DetachOutcome),
+    /// Stop: the node stops the services, demotes and waits until nothing is in flight;
+    /// then the thread lets the device go. At `give_up_at` it stops even with I/O still
+    /// in flight (it fails), so the loop device and the FUSE mount never outlive the
+    /// daemon.
     Shutdown {
         reply: oneshot::Sender<()>,
         give_up_at: std::time::Instant,
@@ -227,6 +230,7 @@ pub struct PeerSetup {
 }
 
 pub struct Setup {
+    /// The resource; the driver makes the [`Node`] around it.
     pub core: Resource,
     /// The promoter's services, in start order.
     pub services: Vec<Service>,
@@ -274,7 +278,7 @@ struct PendingRead {
 
 struct Driver {
     name: String,
-    core: Resource,
+    node: Node,
     disk: Backing,
     disk_path: PathBuf,
     start: std::time::Instant,
@@ -311,30 +315,19 @@ struct Driver {
     /// Reused for the requests of one frontend readiness.
     frontend_reqs: Vec<AppRequest>,
     link: PathBuf,
+    /// The device made for the primary (the loop device), while there is one.
     loop_dev: Option<PathBuf>,
-    device_busy: bool,
-    /// A demotion waits for [`admin::device_busy_error`]'s answer.
-    device_checking: bool,
+    /// Answered once the node says it has stopped ([`node::Action::Stopped`]).
     shutdown: Option<oneshot::Sender<()>>,
-    /// When a stop gives up waiting for I/O in flight (from [`Event::Shutdown`]).
-    stop_by: Option<std::time::Instant>,
+    /// The node has stopped: the run loop ends.
+    stopped: bool,
     witness_tx: Option<mpsc::UnboundedSender<(witness::Request, u64)>>,
-    /// The reply of the admin command being handled, for the device steps it causes.
-    admin_reply: Option<oneshot::Sender<Reply>>,
-    /// A promotion waiting for the witness.
-    /// The answer to an admin command the core finishes later ([`Action::AdminDone`]),
-    /// with the message for success.
-    promote_reply: Option<(oneshot::Sender<Reply>, &'static str)>,
-    promoter: Promoter,
+    /// Operator commands waiting for the node's answer, by [`Origin::Operator`] number.
+    replies: HashMap<u64, oneshot::Sender<Reply>>,
+    next_reply: u64,
     services: Arc<Vec<Service>>,
     /// The start or stop running for the promoter; aborted when it runs too long.
     service_task: Option<tokio::task::AbortHandle>,
-    /// A demotion or switchover waiting for the services to stop.
-    after_services: Option<(AdminCmd, oneshot::Sender<Reply>)>,
-    /// A switchover waiting for the peer to take over, and when it was asked for.
-    switchover: Option<(oneshot::Sender<Reply>, std::time::Instant, u64)>,
-    switchover_asked: Option<std::time::Instant>,
-    shutdown_after_services: Option<oneshot::Sender<()>>,
 }
 
 impl Driver {
@@ -368,28 +361,14 @@ impl Driver {
                 self.drain();
             }
             let now = self.now();
-            if self.core.poll_timeout().is_some_and(|t| t <= now) {
-                self.core.handle_timeout(now);
+            if self.node.poll_timeout().is_some_and(|t| t <= now) {
+                self.node.handle_timeout(now);
                 self.drain();
                 progressed = true;
             }
-            if self.promoter.poll_timeout().is_some_and(|t| t <= now) {
-                if let Some(t) = self.service_task.take() {
-                    t.abort();
-                }
-                self.promoter.handle_timeout(now);
-                self.drain_promoter();
-                progressed = true;
-            }
             self.report_changes();
-            if self.shutdown.is_some() {
-                if self.core.is_idle() {
-                    break;
-                }
-                if self.stop_by.is_some_and(|t| std::time::Instant::now() >= t) {
-                    tracing::error!(resource = %self.name, "stopping with I/O still in flight: it fails; the next start resyncs what it touched");
-                    break;
-                }
+            if self.stopped {
+                break;
             }
             self.flush_sends();
             if progressed {
@@ -398,17 +377,10 @@ impl Driver {
                 }
                 continue;
             }
-            let stop_in = self
-                .stop_by
-                .map(|t| t.saturating_duration_since(std::time::Instant::now()));
-            let timeout = [self.core.poll_timeout(), self.promoter.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(|t| Duration::from_millis(t.0.saturating_sub(self.now().0)))
-                .into_iter()
-                .chain(stop_in)
-                .min();
+            let timeout = self
+                .node
+                .poll_timeout()
+                .map(|t| Duration::from_millis(t.0.saturating_sub(self.now().0)));
             match &mut self.disk {
                 Backing::Ring(r) => {
                     self.waker.sleeping.store(true, Ordering::SeqCst);
@@ -494,18 +466,14 @@ impl Driver {
                 }
                 self.maybe_dial();
             }
-            Event::WitnessReply(r) => self.core.handle_witness_reply(now, r),
-            Event::FencePeerDone(code) => self.core.handle_fence_peer_done(now, code),
+            Event::WitnessReply(r) => self.node.handle_witness_reply(now, r),
+            Event::FencePeerDone(code) => self.node.handle_fence_peer_done(now, code),
             Event::ServiceDone { idx, result } => {
                 self.service_task = None;
                 if let Err(e) = &result {
                     tracing::error!(resource = %self.name, service = %self.services[idx].name(), error = %e, "service failed");
                 }
-                self.promoter.handle_done(now, idx, result.is_ok());
-                if self.promoter.phase() == Phase::Running {
-                    self.core.handle_services(true);
-                }
-                self.drain_promoter();
+                self.node.handle_service_done(now, idx, result.is_ok());
             }
             Event::PeerMsg {
                 conn,
@@ -526,7 +494,7 @@ impl Driver {
                     sendq::TaskReport::Drained { handoff } => c.out[channel].on_report(handoff),
                     sendq::TaskReport::Failed(reason) => {
                         self.close_peer();
-                        self.core.handle_peer_disconnected(now, &reason);
+                        self.node.handle_peer_disconnected(now, &reason);
                         self.maybe_dial();
                     }
                 }
@@ -534,7 +502,7 @@ impl Driver {
             Event::PeerGrace { conn } => {
                 if self.conn.as_ref().map(|c| c.id) == Some(conn) {
                     self.close_peer();
-                    self.core
+                    self.node
                         .handle_peer_disconnected(now, "peer closed one channel");
                     self.maybe_dial();
                 }
@@ -543,77 +511,31 @@ impl Driver {
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Event::DeviceChecked { cmd, reply, busy } => {
-                self.device_checking = false;
-                match busy {
-                    Some(e) => {
-                        if cmd == AdminCmd::Switchover {
-                            self.switchover_asked = None;
-                        }
-                        let _ = reply.send(Reply::err(e));
-                    }
-                    None => self.device_free(now, cmd, reply),
+            Event::DeviceChecked { busy } => self.node.handle_device_checked(now, busy),
+            Event::DeviceAttached { dev, outcome } => {
+                if let Some(d) = dev {
+                    tracing::info!(resource = %self.name, device = %self.link.display(), loop_device = %d.display(), "device ready");
+                    self.loop_dev = Some(d);
                 }
+                self.node.handle_device_attached(now, outcome);
             }
-            Event::DeviceDone {
-                attached,
-                reply,
-                message,
-            } => {
-                self.device_busy = false;
-                let mut out = Reply::ok(message);
-                match attached {
-                    Some(Ok(dev)) => match frontend::make_link(&self.link, &dev) {
-                        Ok(()) => {
-                            tracing::info!(resource = %self.name, device = %self.link.display(), loop_device = %dev.display(), "device ready");
-                            self.loop_dev = Some(dev);
-                            if self.core.role() == Role::Primary {
-                                self.promoter.handle_promoted(now);
-                                self.drain_promoter();
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(resource = %self.name, error = %e, "device link");
-                            self.loop_dev = Some(dev);
-                            out = Reply::err(format!("promoted, but {e}"));
-                        }
-                    },
-                    Some(Err(e)) => {
-                        tracing::error!(resource = %self.name, error = %e, "attach loop device");
-                        out = Reply::err(format!(
-                            "promoted, but the device could not be attached: {e}"
-                        ));
-                    }
-                    None => {}
+            Event::DeviceDetached(outcome) => {
+                if outcome != DetachOutcome::InUse {
+                    self.loop_dev = None;
                 }
-                if let Some(r) = reply {
-                    let _ = r.send(out);
-                }
-            }
-            Event::Shutdown { reply, give_up_at }
-                if matches!(
-                    self.promoter.phase(),
-                    Phase::Starting | Phase::Running | Phase::Stopping
-                ) =>
-            {
-                // Services first, then the demotion below.
-                self.stop_by = Some(give_up_at);
-                self.shutdown_after_services = Some(reply);
-                self.promoter.handle_stop(now);
-                self.drain_promoter();
+                self.node.handle_device_detached(now, outcome);
             }
             Event::Shutdown { reply, give_up_at } => {
-                self.stop_by = Some(self.stop_by.map_or(give_up_at, |t| t.min(give_up_at)));
-                if self.core.role() == Role::Primary {
-                    if self.loop_dev.as_ref().is_some_and(|d| frontend::in_use(d)) {
-                        tracing::warn!(resource = %self.name, "stopping while the device is in use; its users will see I/O errors");
-                    }
-                    self.frontend.set_writable(false);
-                    if let Err(e) = self.core.handle_admin(now, AdminCmd::Demote) {
-                        tracing::warn!(resource = %self.name, error = %e, "demote on shutdown; the next start resyncs the activity log");
-                    }
+                if self.node.resource().role() == Role::Primary
+                    && self.loop_dev.as_ref().is_some_and(|d| frontend::in_use(d))
+                {
+                    tracing::warn!(resource = %self.name, "stopping while the device is in use; its users will see I/O errors");
                 }
+                let left_ms = give_up_at
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_millis() as u64;
                 self.shutdown = Some(reply);
+                self.node.handle_shutdown(now, now.plus_ms(left_ms));
             }
         }
         self.drain();

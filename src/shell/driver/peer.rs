@@ -56,7 +56,7 @@ impl Driver {
                 if self.conn.is_some() {
                     // The peer started over (restart, or it saw the link die first).
                     self.close_peer();
-                    self.core
+                    self.node
                         .handle_peer_disconnected(now, "peer opened a new connection");
                     // Carry out the old connection's actions before the new one is
                     // parked: none of them may touch the new stream.
@@ -163,7 +163,7 @@ impl Driver {
             rx,
             half_closed: false,
         });
-        self.core.handle_peer_connected(now);
+        self.node.handle_peer_connected(now);
     }
 
     /// Forget the connection: queued frames still go out, then the sockets close.

@@ -5,7 +5,7 @@ use super::*;
 
 impl Driver {
     pub(super) fn status(&self) -> ResourceStatus {
-        let mut core = self.core.status();
+        let mut core = self.node.resource().status();
         core.witness.address = self.peer.witness_addr.map(|w| w.to_string());
         ResourceStatus {
             core,
@@ -24,10 +24,11 @@ impl Driver {
                 latency_us_sum: self.write_latency_us_sum,
             },
             services: ServicesStatus {
-                phase: self.promoter.phase(),
-                last_failure: self.promoter.last_failure().map(String::from),
+                phase: self.node.promoter().phase(),
+                last_failure: self.node.promoter().last_failure().map(String::from),
                 list: self
-                    .promoter
+                    .node
+                    .promoter()
                     .services()
                     .map(|(s, state)| ServiceEntry {
                         name: s.name.clone(),
@@ -39,7 +40,7 @@ impl Driver {
     }
 
     pub(super) fn report_changes(&mut self) {
-        let key = self.core.state_key();
+        let key = self.node.resource().state_key();
         if self.last_key == Some(key) {
             return;
         }

@@ -104,7 +104,15 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
     });
     let d = Driver {
         name: name.clone(),
-        core: s.core,
+        node: Node::new(
+            s.core,
+            NodeParams {
+                services: s.services.iter().map(Service::spec).collect(),
+                on_demote_failure: s.on_demote_failure,
+                device_label: s.link.display().to_string(),
+            },
+            Instant(0),
+        ),
         disk,
         disk_path: s.disk_path,
         start: std::time::Instant::now(),
@@ -137,23 +145,13 @@ pub fn start(s: Setup) -> Result<Handle, StartError> {
         frontend_reqs: Vec::new(),
         link: s.link,
         loop_dev: None,
-        device_busy: false,
-        device_checking: false,
         shutdown: None,
-        stop_by: None,
+        stopped: false,
         witness_tx,
-        admin_reply: None,
-        promote_reply: None,
-        promoter: Promoter::new(
-            s.services.iter().map(Service::spec).collect(),
-            s.on_demote_failure,
-        ),
+        replies: HashMap::new(),
+        next_reply: 1,
         services: Arc::new(s.services),
         service_task: None,
-        after_services: None,
-        switchover: None,
-        switchover_asked: None,
-        shutdown_after_services: None,
     };
     std::thread::Builder::new()
         .name(format!("tandem-{name}"))
