@@ -763,6 +763,9 @@ impl Drop for Cluster {
             if !quiet(Command::new("umount").arg(&m)) {
                 let _ = quiet(Command::new("umount").arg("-l").arg(&m));
             }
+            // A mount point the test made outside its directory (an empty directory
+            // once unmounted; `remove_dir` removes nothing else).
+            let _ = std::fs::remove_dir(&m);
         }
         for i in 0..self.nodes.len() {
             self.kill(i);

@@ -42,10 +42,10 @@ impl Resource {
         // consistent anyway and the bitmap keeps counting for it.
         let was_replicating = self.conn == Conn::Established;
         if self.peer_role == Role::Primary && self.role == Role::Secondary {
-            self.primary_lost_at = Some(self.last_rx);
+            self.primary_lost_at = Some(self.keepalive.last_rx());
         }
         self.votes.peer_fresh_until = None;
-        self.pings_sent.clear();
+        self.keepalive.stop();
         self.resync_done_early = None;
         self.peer_target_durable = false;
         self.peer_disk_failed = false;
@@ -94,7 +94,6 @@ impl Resource {
             .retain(|e| e.2 == ResyncStage::Reading);
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::Unknown;
-        self.next_ping = None;
         if was_replicating && self.role == Role::Primary {
             // Writing without the peer from now on: a new data generation.
             let fresh = self.rng.next_u64();

@@ -173,29 +173,24 @@ impl Resource {
                 self.pump_resync();
             }
             IoPurpose::Meta => {
-                let done = self.meta_in_flight.take();
-                if !ok {
+                match self.meta.done(now, ok) {
                     // Nothing may act on metadata that is not on disk: the write goes back
                     // to the head of the queue and is tried again in a second; what
                     // waits for it (writes, acknowledgements) waits on.
-                    if let Some((_, offset, bytes)) = done {
-                        self.meta_queue.push_front((offset, bytes));
+                    persist::MetaDone::Failed { first } => {
+                        if first {
+                            self.local_disk_failed(META_HELD.into(), false);
+                        }
+                        return;
                     }
-                    self.meta_retry_at = Some(now.plus_ms(META_RETRY_MS));
-                    if !self.meta_failing {
-                        self.meta_failing = true;
-                        self.local_disk_failed(META_HELD.into(), false);
-                    }
-                    return;
-                }
-                if self.meta_failing {
-                    self.meta_failing = false;
-                    if self.last_error.as_deref() == Some(META_HELD) {
-                        self.last_error = None;
+                    persist::MetaDone::Written { recovered } => {
+                        if recovered && self.last_error.as_deref() == Some(META_HELD) {
+                            self.last_error = None;
+                        }
                     }
                 }
                 self.issue_meta();
-                if self.meta_in_flight.is_none() {
+                if !self.meta.in_flight() {
                     self.al_txn_queued = false;
                     self.on_meta_idle();
                 }
@@ -219,10 +214,7 @@ impl Resource {
         self.fence = FenceRun::NotRun;
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::Unknown;
-        self.last_rx = now;
-        // Ping at once: the peer counts toward quorum only once it answered one.
-        self.next_ping = Some(now);
-        self.pings_sent.clear();
+        self.keepalive.connected(now);
         self.votes.peer_fresh_until = None;
         let mut flags = 0;
         if self.sb.has(meta::FLAG_CRASHED_PRIMARY) {
@@ -273,7 +265,7 @@ impl Resource {
     /// A message from the peer, with the term its frame header carried.
     pub fn handle_peer_message(&mut self, now: Instant, term: u64, msg: Msg, buf: Option<BufId>) {
         self.now = now;
-        self.last_rx = now;
+        self.keepalive.heard(now);
         if !self.connected() {
             if let Some(b) = buf {
                 self.actions.push_back(Action::ReleaseBuf(b));
@@ -467,17 +459,11 @@ impl Resource {
             Msg::PingAck { id } => {
                 // The peer was alive when it answered, which is after the ping was sent:
                 // count it as present from the send time, never from the receipt.
-                while let Some(&(pid, sent)) = self.pings_sent.front() {
-                    if pid > id {
-                        break;
-                    }
-                    self.pings_sent.pop_front();
-                    if pid == id {
-                        self.note_quorum_loss();
-                        let until = sent.plus_ms(self.p.ping_timeout_ms);
-                        self.votes.peer_fresh_until =
-                            Some(self.votes.peer_fresh_until.map_or(until, |t| t.max(until)));
-                    }
+                if let Some(sent) = self.keepalive.answered(id) {
+                    self.note_quorum_loss();
+                    let until = sent.plus_ms(self.p.ping_timeout_ms);
+                    self.votes.peer_fresh_until =
+                        Some(self.votes.peer_fresh_until.map_or(until, |t| t.max(until)));
                 }
             }
             Msg::AuthChallenge { .. }

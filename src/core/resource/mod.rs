@@ -38,12 +38,16 @@ use crate::core::{Instant, Protocol, SplitMix64};
 
 mod connection;
 mod inputs;
+mod keepalive;
 mod persist;
 mod quorum_gate;
 mod replica;
 mod roles;
 mod types;
 mod write_path;
+
+use keepalive::Keepalive;
+use persist::MetaQueue;
 
 pub use types::*;
 
@@ -179,13 +183,8 @@ pub struct Resource {
     next_io: u64,
     next_buf: u64,
     ios: HashMap<IoId, IoPurpose>,
-    // Metadata writes, one at a time so that they land in order.
-    meta_queue: VecDeque<(u64, Vec<u8>)>,
-    /// The metadata write on its way, with what it writes (written again if it fails).
-    meta_in_flight: Option<(IoId, u64, Vec<u8>)>,
-    /// A metadata write failed: it is retried then, and nothing that depends on it
-    /// moves meanwhile.
-    meta_retry_at: Option<Instant>,
+    /// Metadata writes, one at a time so that they land in order.
+    meta: MetaQueue,
     /// The peer's disk failed a write of this connection (`NegAck`): it no longer holds
     /// every write, so it must be fenced like a lost peer.
     peer_disk_failed: bool,
@@ -244,10 +243,7 @@ pub struct Resource {
     /// Since when a fail-back to the preferred peer could run (see `Params`).
     fail_back_ready_since: Option<Instant>,
     // Keepalive.
-    last_rx: Instant,
-    next_ping: Option<Instant>,
-    ping_id: u64,
-    pings_sent: VecDeque<(u64, Instant)>,
+    keepalive: Keepalive,
     // Quorum.
     votes: Votes,
     wl: WitnessLink,
@@ -264,8 +260,6 @@ pub struct Resource {
     /// later request is answered the node keeps away from its peer, whose primary must
     /// not count it as a vote meanwhile.
     promote_uncertain: bool,
-    /// The last metadata write failed and is being retried (reported once).
-    meta_failing: bool,
     now: Instant,
 }
 
@@ -306,9 +300,7 @@ impl Resource {
             next_io: 1,
             next_buf: 1,
             ios: HashMap::new(),
-            meta_queue: VecDeque::new(),
-            meta_in_flight: None,
-            meta_retry_at: None,
+            meta: MetaQueue::default(),
             peer_disk_failed: false,
             disk_errors: 0,
             al_txn_queued: false,
@@ -344,10 +336,7 @@ impl Resource {
             writes_flushed: 0,
             flush_then: None,
             fail_back_ready_since: None,
-            last_rx: now,
-            next_ping: None,
-            ping_id: 0,
-            pings_sent: VecDeque::new(),
+            keepalive: Keepalive::new(now),
             votes: Votes {
                 peer_fresh_until: None,
                 lease_until: None,
@@ -361,7 +350,6 @@ impl Resource {
             peer_gen_term: 0,
             witness_seq,
             promote_uncertain: false,
-            meta_failing: false,
             now,
         };
         if r.sb.has(meta::FLAG_PRIMARY_ACTIVE) {
@@ -492,8 +480,7 @@ impl Resource {
             && self.pending.is_empty()
             && self.peer_ops.is_empty()
             && self.peer_barriers.is_empty()
-            && self.meta_in_flight.is_none()
-            && self.meta_queue.is_empty()
+            && !self.meta.busy()
             && self.resync_in_flight.is_empty()
             && self.resync_done_pending_gen.is_none()
             && self.tl.is_empty()
@@ -621,7 +608,7 @@ impl Resource {
             _ => None,
         };
         [
-            (Timer::MetaRetry, self.meta_retry_at),
+            (Timer::MetaRetry, self.meta.retry_at()),
             (
                 Timer::FailBack,
                 self.fail_back_ready_since
@@ -635,10 +622,13 @@ impl Resource {
                 Timer::EpochClose,
                 self.epoch_opened_at.map(|t| t.plus_ms(EPOCH_CLOSE_MS)),
             ),
-            (Timer::Ping, if connected { self.next_ping } else { None }),
+            (
+                Timer::Ping,
+                connected.then(|| self.keepalive.next_ping()).flatten(),
+            ),
             (
                 Timer::PeerTimeout,
-                connected.then(|| self.last_rx.plus_ms(self.p.ping_timeout_ms)),
+                connected.then(|| self.keepalive.silent_at(self.p.ping_timeout_ms)),
             ),
         ]
     }
@@ -654,20 +644,15 @@ impl Resource {
             }
             match timer {
                 Timer::Ping => {
-                    self.ping_id += 1;
-                    self.send(Msg::Ping { id: self.ping_id });
-                    if self.pings_sent.len() >= 64 {
-                        self.pings_sent.pop_front();
-                    }
-                    self.pings_sent.push_back((self.ping_id, now));
-                    self.next_ping = Some(now.plus_ms(self.p.ping_interval_ms));
+                    let id = self.keepalive.ping(now, self.p.ping_interval_ms);
+                    self.send(Msg::Ping { id });
                 }
                 Timer::EpochClose => self.close_epoch(),
                 Timer::PeerTimeout => {
                     if self.connected() {
                         self.drop_connection(format!(
                             "peer silent for {} ms",
-                            now.ms_since(self.last_rx)
+                            now.ms_since(self.keepalive.last_rx())
                         ));
                     }
                 }
@@ -678,7 +663,7 @@ impl Resource {
                 }
                 Timer::QuorumLost => {}
                 Timer::MetaRetry => {
-                    self.meta_retry_at = None;
+                    self.meta.retry_due();
                     self.issue_meta();
                 }
                 Timer::FailBack => {

@@ -90,7 +90,7 @@ impl Resource {
                                     }
                                 }
                                 let off = self.sb.layout.al_offset + slot * 4096;
-                                self.meta_queue.push_back((off, txn.encode()));
+                                self.meta.push(off, txn.encode());
                                 self.al_txn_queued = true;
                                 self.issue_meta();
                                 return;
