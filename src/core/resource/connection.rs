@@ -90,8 +90,7 @@ impl Resource {
         self.peer_ops = kept;
         self.reindex_peer_ops();
         self.peer_barriers.clear();
-        self.resync_in_flight
-            .retain(|e| e.2 == ResyncStage::Reading);
+        self.resync.connection_lost();
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::Unknown;
         if was_replicating && self.role == Role::Primary {
@@ -298,10 +297,7 @@ impl Resource {
             self.peer_disk = DiskState::Inconsistent;
         }
         self.conn = Conn::SyncStarting { source };
-        self.resync_total_bytes = self.bitmap.out_of_sync_bytes();
-        self.resync_done_bytes = 0;
-        self.resync_started = self.now;
-        self.resync_cursor = 0;
+        self.resync.start(self.now, self.bitmap.out_of_sync_bytes());
         // The resync set must survive a crash of either side before any block moves.
         self.persist_dirty_pages();
         self.persist_superblock();
@@ -320,7 +316,7 @@ impl Resource {
         if let Conn::SyncStarting { source } = self.conn {
             tracing::info!(
                 resource = %self.p.resource,
-                bytes = self.resync_total_bytes,
+                bytes = self.resync.total_bytes(),
                 "resync starts as {}", if source { "source" } else { "target" }
             );
             self.conn = if source {

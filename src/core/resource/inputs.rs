@@ -143,30 +143,17 @@ impl Resource {
                 }
             }
             IoPurpose::ResyncRead { offset, len, buf } => {
-                let entry = self
-                    .resync_in_flight
-                    .iter_mut()
-                    .find(|e| e.0 == offset && e.1 == len && e.2 == ResyncStage::Reading);
-                match entry {
-                    Some(e) if ok && self.conn == Conn::SyncSource => {
-                        e.2 = ResyncStage::Sent;
-                        self.send_with(
-                            Msg::ResyncData {
-                                offset,
-                                len: len as u32,
-                            },
-                            Some(buf),
-                        );
-                    }
-                    _ => {
-                        self.resync_in_flight.retain(|e| {
-                            !(e.0 == offset && e.1 == len && e.2 == ResyncStage::Reading)
-                        });
-                        if !ok {
-                            self.last_error =
-                                Some(format!("read error at byte {offset} during resync"));
-                        }
-                    }
+                let send = ok && self.conn == Conn::SyncSource;
+                if self.resync.read_done(offset, len, send) {
+                    self.send_with(
+                        Msg::ResyncData {
+                            offset,
+                            len: len as u32,
+                        },
+                        Some(buf),
+                    );
+                } else if !ok {
+                    self.last_error = Some(format!("read error at byte {offset} during resync"));
                 }
                 self.actions.push_back(Action::ReleaseBuf(buf));
                 self.pump();
@@ -414,13 +401,10 @@ impl Resource {
                 self.pump();
             }
             Msg::ResyncAck { offset, len, ok } => {
-                let before = self.resync_in_flight.len();
-                self.resync_in_flight
-                    .retain(|e| !(e.0 == offset && e.1 == len as u64 && e.2 == ResyncStage::Sent));
-                if self.resync_in_flight.len() < before {
+                if self.resync.acked(offset, len as u64) {
                     if ok {
                         self.bitmap.clear_range(offset, len as u64);
-                        self.resync_done_bytes += len as u64;
+                        self.resync.add_done(len as u64);
                     }
                     self.pump_resync();
                 }

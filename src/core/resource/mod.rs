@@ -42,12 +42,14 @@ mod keepalive;
 mod persist;
 mod quorum_gate;
 mod replica;
+mod resync;
 mod roles;
 mod types;
 mod write_path;
 
 use keepalive::Keepalive;
 use persist::MetaQueue;
+use resync::Resync;
 
 pub use types::*;
 
@@ -112,12 +114,6 @@ struct PeerOp {
     len: u64,
     buf: BufId,
     io: Option<IoId>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ResyncStage {
-    Reading,
-    Sent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,11 +211,7 @@ pub struct Resource {
     /// the peer was told, even if the bitmap or role changed since.
     hello_flags: u32,
     // Resync.
-    resync_cursor: u64,
-    resync_in_flight: Vec<(u64, u64, ResyncStage)>,
-    resync_done_bytes: u64,
-    resync_total_bytes: u64,
-    resync_started: Instant,
+    resync: Resync,
     resync_done_pending_gen: Option<Generation>,
     /// A `ResyncDone` that came while this target was still starting.
     resync_done_early: Option<Generation>,
@@ -320,11 +312,7 @@ impl Resource {
             peer_barriers: VecDeque::new(),
             peer_barrier_flushing: false,
             hello_flags: 0,
-            resync_cursor: 0,
-            resync_in_flight: Vec::new(),
-            resync_done_bytes: 0,
-            resync_total_bytes: 0,
-            resync_started: now,
+            resync: Resync::new(now),
             resync_done_pending_gen: None,
             resync_done_early: None,
             fence: FenceRun::NotRun,
@@ -481,7 +469,7 @@ impl Resource {
             && self.peer_ops.is_empty()
             && self.peer_barriers.is_empty()
             && !self.meta.busy()
-            && self.resync_in_flight.is_empty()
+            && self.resync.is_idle()
             && self.resync_done_pending_gen.is_none()
             && self.tl.is_empty()
     }
@@ -514,7 +502,6 @@ impl Resource {
             Conn::SyncSource => (Link::Connected, Replication::SyncSource),
             Conn::SyncTarget => (Link::Connected, Replication::SyncTarget),
         };
-        let elapsed_ms = self.now.ms_since(self.resync_started).max(1);
         let syncing = matches!(self.conn, Conn::SyncSource | Conn::SyncTarget);
         let hex = |u: u64| format!("{u:016X}");
         Status {
@@ -560,10 +547,10 @@ impl Resource {
             protocol: self.p.protocol,
             out_of_sync_bytes: self.bitmap.out_of_sync_bytes(),
             resync: ResyncStatus {
-                done_bytes: self.resync_done_bytes,
-                total_bytes: self.resync_total_bytes,
+                done_bytes: self.resync.done_bytes(),
+                total_bytes: self.resync.total_bytes(),
                 bytes_per_sec: if syncing {
-                    self.resync_done_bytes * 1000 / elapsed_ms
+                    self.resync.bytes_per_sec(self.now)
                 } else {
                     0
                 },

@@ -78,7 +78,7 @@ impl Resource {
                 PeerOpKind::Resync => {
                     if ok {
                         self.bitmap.clear_range(op.offset, op.len);
-                        self.resync_done_bytes += op.len;
+                        self.resync.add_done(op.len);
                     }
                     self.send(Msg::ResyncAck {
                         offset: op.offset,
@@ -124,14 +124,13 @@ impl Resource {
         }
         let block = self.bitmap.block_bytes();
         let chunk_blocks = (self.p.resync_chunk_bytes / block).max(1);
-        let mut scanned_from_start = self.resync_cursor == 0;
-        let in_flight_bytes = |s: &Self| s.resync_in_flight.iter().map(|e| e.1).sum::<u64>();
-        while in_flight_bytes(self) < self.p.resync_window_bytes {
-            let Some(start) = self.bitmap.next_set(self.resync_cursor) else {
+        let mut scanned_from_start = self.resync.cursor() == 0;
+        while self.resync.bytes_in_flight() < self.p.resync_window_bytes {
+            let Some(start) = self.bitmap.next_set(self.resync.cursor()) else {
                 if scanned_from_start {
                     break;
                 }
-                self.resync_cursor = 0;
+                self.resync.set_cursor(0);
                 scanned_from_start = true;
                 continue;
             };
@@ -139,18 +138,13 @@ impl Resource {
             while end < self.bitmap.nbits() && end - start < chunk_blocks && self.bitmap.get(end) {
                 end += 1;
             }
-            self.resync_cursor = end;
+            self.resync.set_cursor(end);
             let offset = start * block;
             let len = ((end - start) * block).min(self.data_bytes() - offset);
-            let busy = self
-                .resync_in_flight
-                .iter()
-                .any(|e| Self::overlaps(e.0, e.1, offset, len));
-            if busy || self.conflicts(offset, len) {
+            if self.resync.overlaps(offset, len) || self.conflicts(offset, len) {
                 continue;
             }
-            self.resync_in_flight
-                .push((offset, len, ResyncStage::Reading));
+            self.resync.start_read(offset, len);
             let buf = BufId(CORE_BUF_BIT | self.next_buf);
             self.next_buf += 1;
             let io = self.new_io(IoPurpose::ResyncRead { offset, len, buf });
@@ -161,7 +155,7 @@ impl Resource {
                 buf,
             });
         }
-        if self.bitmap.count() == 0 && self.resync_in_flight.is_empty() {
+        if self.bitmap.count() == 0 && self.resync.is_idle() {
             self.sb.gen.clear_bitmap();
             self.sb.set(meta::FLAG_CRASHED_PRIMARY, false);
             self.send(Msg::ResyncDone { gen: self.sb.gen });
@@ -169,7 +163,7 @@ impl Resource {
             self.peer_disk = DiskState::UpToDate;
             self.persist_dirty_pages();
             self.persist_superblock();
-            tracing::info!(resource = %self.p.resource, bytes = self.resync_done_bytes, "resync finished as source");
+            tracing::info!(resource = %self.p.resource, bytes = self.resync.done_bytes(), "resync finished as source");
         }
     }
 }

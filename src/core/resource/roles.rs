@@ -256,8 +256,7 @@ impl Resource {
     /// acknowledgement cannot clear them again; the resync reads them anew.
     pub(super) fn mark_out_of_sync(&mut self, offset: u64, len: u64) {
         self.bitmap.set_range(offset, len);
-        self.resync_in_flight
-            .retain(|e| !Self::overlaps(e.0, e.1, offset, len));
+        self.resync.forget(offset, len);
     }
 
     /// This node's disk failed a request. A primary goes on (the application saw the

@@ -19,10 +19,7 @@ impl Resource {
         self.writes
             .values()
             .any(|w| w.submitted && !w.local_done && Self::overlaps(w.offset, w.len, offset, len))
-            || self
-                .resync_in_flight
-                .iter()
-                .any(|e| e.2 == ResyncStage::Reading && Self::overlaps(e.0, e.1, offset, len))
+            || self.resync.reading(offset, len)
     }
 
     /// Move queued writes and flushes forward, in order.
