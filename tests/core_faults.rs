@@ -481,3 +481,43 @@ fn an_outdated_crashed_primary_becomes_the_sync_target_of_an_up_to_date_peer() {
         o.r.conn()
     );
 }
+
+/// A promotion waiting for the primary's lease to end is dropped once the node is
+/// connected to that primary again: it acknowledges the primary's writes now, and asking
+/// the witness for itself too would vote for both (simulator seed 95000841 C).
+#[test]
+fn a_waiting_promotion_is_dropped_once_the_primary_is_connected_again() {
+    let mut o = One::with(Protocol::C, |p| {
+        p.witness = true;
+        p.fencing = tandem::core::quorum::Fencing::Resource;
+    });
+    o.finish_meta();
+    o.r.handle_admin(Instant(10), AdminCmd::Promote { force: false })
+        .expect("promote");
+    o.drain();
+    let mut busy = reply(false, 1, &["alpha", "beta"]);
+    busy.primary = "beta".into();
+    busy.lease_ms = 37;
+    o.r.handle_witness_reply(Instant(10), Some(busy));
+    o.drain();
+    // The primary is back before its lease ends.
+    let size = o.r.data_bytes();
+    o.hello_from_peer(size, tandem::core::wire::HELLO_PRIMARY);
+    o.finish_meta();
+    let mut now = Instant(10);
+    let mut asked = Vec::new();
+    while now.0 < 1000 {
+        now = now.max(o.r.poll_timeout().expect("a timer"));
+        o.r.handle_timeout(now);
+        asked.extend(witness_requests(&o.drain()));
+        now = now.plus_ms(1);
+    }
+    assert!(
+        !asked.iter().any(|q| q.op == Op::Promote),
+        "asked for promotion while the primary is connected: {asked:?}"
+    );
+    assert!(o.out.iter().any(|a| matches!(
+        a,
+        Action::AdminDone(Err(tandem::core::resource::AdminError::PeerIsPrimary))
+    )));
+}

@@ -220,7 +220,7 @@ fn commit_base() -> Option<(String, u64)> {
 /// they are just more seeds.)
 #[test]
 fn simulator_regression_seeds() {
-    let seeds: [(u64, Protocol, bool, &str); 10] = [
+    let seeds: [(u64, Protocol, bool, &str); 11] = [
         (
             12648815,
             Protocol::C,
@@ -280,6 +280,12 @@ fn simulator_regression_seeds() {
             Protocol::C,
             true,
             "an outdated crashed primary became the sync source of an up-to-date peer",
+        ),
+        (
+            95000841,
+            Protocol::C,
+            true,
+            "a secondary asked for promotion while acknowledging its primary's writes",
         ),
     ];
     // `mixed`: found with the seed's own fault mix; the others were found before the mix

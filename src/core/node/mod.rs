@@ -203,16 +203,6 @@ impl Node {
         self.device
     }
 
-    /// A role step (device or services) is under way, or the node is stopping.
-    pub fn is_busy(&self) -> bool {
-        self.device != DeviceState::Present && self.device != DeviceState::Absent
-            || self.checking.is_some()
-            || self.after_services.is_some()
-            || self.switchover.is_some()
-            || !matches!(self.promoter.phase(), Phase::Running | Phase::Idle)
-            || self.stop != Stop::Running
-    }
-
     // ----- outputs
 
     pub fn poll_action(&mut self) -> Option<Action> {

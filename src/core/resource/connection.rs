@@ -140,6 +140,16 @@ impl Resource {
             return self.drop_connection(msg);
         }
         let peer_primary = h.flags & wire::HELLO_PRIMARY != 0;
+        let promoting = self
+            .wl
+            .in_flight
+            .is_some_and(|(op, _)| op == WitnessOp::Promote);
+        if peer_primary && self.role != Role::Primary && promoting {
+            // This node's promotion request is still out: acknowledging the peer's
+            // writes now would vote for two primaries. Keep away until the witness
+            // answers.
+            return self.set_promote_uncertain(true);
+        }
         self.peer_role = if peer_primary {
             Role::Primary
         } else {

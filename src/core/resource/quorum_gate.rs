@@ -129,6 +129,7 @@ impl Resource {
     /// Send the next request to the witness if none is in flight and no back-off runs.
     /// `periodic`: the renewal or query timer fired.
     pub(super) fn witness_tick(&mut self, periodic: bool) {
+        self.drop_promotion_while_peer_primary();
         if !self.p.witness || !self.wl.may_send(self.now) {
             return;
         }
@@ -366,6 +367,25 @@ impl Resource {
         }
         // The new term reaches the disk before any write of it.
         self.persist_superblock();
+    }
+
+    /// A connected peer is primary: a promotion asked for earlier (and waiting, for
+    /// instance for the peer's lease to run out) is dropped, as `promote` would be
+    /// refused now. This node votes for the peer's writes (it acknowledges them and
+    /// answers its pings); asking the witness for itself too would let both primaries
+    /// count it (simulator seed 95000841 C).
+    pub(super) fn drop_promotion_while_peer_primary(&mut self) {
+        if self.role == Role::Primary || !self.connected() || self.peer_role != Role::Primary {
+            return;
+        }
+        let Some(w) = self.want_promote.take() else {
+            return;
+        };
+        tracing::warn!(resource = %self.p.resource, peer = %self.p.peer_node, "the peer is primary: the pending promotion is dropped");
+        if w.manual {
+            self.actions
+                .push_back(Action::AdminDone(Err(AdminError::PeerIsPrimary)));
+        }
     }
 
     pub(super) fn promote_refused(&mut self, why: AdminError, outdated: bool) {
