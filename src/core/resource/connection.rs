@@ -55,21 +55,17 @@ impl Resource {
         // epoch has been acknowledged too: until then it counts as out of sync, like
         // the transfer log below. A write left as `Written` would later wait in the
         // transfer log for a barrier ack that no new connection ever sends.
-        let acked = self.peer_acked_epoch;
         for w in self.writes.values_mut() {
-            let durable_on_peer =
-                w.peer == PeerState::Written && acked.is_some_and(|e| e >= w.epoch);
+            let durable_on_peer = w.peer == PeerState::Written && self.epochs.peer_acked(w.epoch);
             if w.peer != PeerState::NotReplicated && !durable_on_peer {
                 self.bitmap.set_range(w.offset, w.len);
             }
             w.peer = PeerState::NotReplicated;
         }
-        for (_, off, len) in std::mem::take(&mut self.tl) {
+        for (off, len) in self.epochs.connection_lost() {
             self.bitmap.set_range(off, len);
             self.al.release(self.al.extents_of(off, len));
         }
-        self.epoch_writes = 0;
-        self.epoch_opened_at = None;
         let reqs: Vec<ReqId> = self.writes.keys().copied().collect();
         for req in reqs {
             self.try_complete(req);
@@ -77,7 +73,7 @@ impl Resource {
         for f in self.flushes.values_mut() {
             f.peer_needed = false;
         }
-        self.peer_acked_epoch = None;
+        self.epochs.forget_peer_acks();
         // Peer writes already on their way to the disk finish; queued ones are dropped.
         let mut kept = VecDeque::new();
         for op in std::mem::take(&mut self.peer_ops) {

@@ -388,15 +388,9 @@ impl Resource {
                 }
             }
             Msg::BarrierAck { epoch } => {
-                self.peer_acked_epoch = Some(self.peer_acked_epoch.map_or(epoch, |e| e.max(epoch)));
-                let al = &mut self.al;
-                self.tl.retain(|&(e, off, len)| {
-                    let keep = e > epoch;
-                    if !keep {
-                        al.release(al.extents_of(off, len));
-                    }
-                    keep
-                });
+                for (off, len) in self.epochs.barrier_acked(epoch) {
+                    self.al.release(self.al.extents_of(off, len));
+                }
                 self.check_flushes();
                 self.pump();
             }

@@ -37,6 +37,7 @@ use crate::core::witness_link::WitnessLink;
 use crate::core::{Instant, Protocol, SplitMix64};
 
 mod connection;
+mod epochs;
 mod inputs;
 mod keepalive;
 mod persist;
@@ -47,6 +48,7 @@ mod roles;
 mod types;
 mod write_path;
 
+use epochs::Epochs;
 use keepalive::Keepalive;
 use persist::MetaQueue;
 use resync::Resync;
@@ -191,17 +193,10 @@ pub struct Resource {
     pending: VecDeque<Pending>,
     writes: BTreeMap<ReqId, WriteReq>,
     flushes: BTreeMap<ReqId, FlushReq>,
-    epoch: u64,
-    local_pending_by_epoch: BTreeMap<u64, usize>,
+    /// Epochs, their barriers, and the transfer log.
+    epochs: Epochs,
     next_seq: u64,
     seq_to_req: HashMap<u64, ReqId>,
-    peer_acked_epoch: Option<u64>,
-    /// Transfer log: writes the peer has but may not have flushed yet, as
-    /// `(epoch, offset, len)`. They keep their AL extents, and go to the bitmap if the
-    /// connection drops before the epoch's barrier is acknowledged.
-    tl: Vec<(u64, u64, u64)>,
-    epoch_writes: u64,
-    epoch_opened_at: Option<Instant>,
     // Peer (secondary) side.
     peer_ops: VecDeque<PeerOp>,
     peer_ops_by_io: HashMap<IoId, usize>,
@@ -299,14 +294,9 @@ impl Resource {
             pending: VecDeque::new(),
             writes: BTreeMap::new(),
             flushes: BTreeMap::new(),
-            epoch: 1,
-            local_pending_by_epoch: BTreeMap::new(),
+            epochs: Epochs::new(),
             next_seq: 1,
             seq_to_req: HashMap::new(),
-            peer_acked_epoch: None,
-            tl: Vec::new(),
-            epoch_writes: 0,
-            epoch_opened_at: None,
             peer_ops: VecDeque::new(),
             peer_ops_by_io: HashMap::new(),
             peer_barriers: VecDeque::new(),
@@ -471,7 +461,7 @@ impl Resource {
             && !self.meta.busy()
             && self.resync.is_idle()
             && self.resync_done_pending_gen.is_none()
-            && self.tl.is_empty()
+            && self.epochs.transfer_log_is_empty()
     }
 
     /// What `events` reports a change of: cheap enough to compare after every event.
@@ -605,10 +595,7 @@ impl Resource {
             (Timer::Witness, witness_due),
             (Timer::QuorumLost, quorum_lost),
             (Timer::AutoPromote, auto_promote),
-            (
-                Timer::EpochClose,
-                self.epoch_opened_at.map(|t| t.plus_ms(EPOCH_CLOSE_MS)),
-            ),
+            (Timer::EpochClose, self.epochs.close_due()),
             (
                 Timer::Ping,
                 connected.then(|| self.keepalive.next_ping()).flatten(),

@@ -223,7 +223,7 @@ impl Resource {
     /// extents go to the bitmap, as a crash would have put them, before the flag clears.
     pub(super) fn become_secondary(&mut self) {
         self.role = Role::Secondary;
-        if !self.tl.is_empty() || self.writes_completed > self.writes_flushed {
+        if !self.epochs.transfer_log_is_empty() || self.writes_completed > self.writes_flushed {
             let extents = self.mark_active_extents_out_of_sync();
             self.writes_flushed = self.writes_completed;
             tracing::warn!(

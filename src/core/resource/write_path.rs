@@ -96,8 +96,8 @@ impl Resource {
                     }
                     self.pending.pop_front();
                     self.al.acquire(extents);
-                    let epoch = self.epoch;
                     let replicate = self.replicating();
+                    let epoch = self.epochs.write_submitted(replicate, self.now);
                     let seq = self.next_seq;
                     if let Some(w) = self.writes.get_mut(&req) {
                         w.submitted = true;
@@ -108,7 +108,6 @@ impl Resource {
                             PeerState::NotReplicated
                         };
                     }
-                    *self.local_pending_by_epoch.entry(epoch).or_insert(0) += 1;
                     let io = self.new_io(IoPurpose::AppWrite(req));
                     self.actions.push_back(Action::DiskWrite {
                         io,
@@ -118,8 +117,6 @@ impl Resource {
                     if replicate {
                         self.next_seq += 1;
                         self.seq_to_req.insert(seq, req);
-                        self.epoch_writes += 1;
-                        self.epoch_opened_at.get_or_insert(self.now);
                         self.send_with(
                             Msg::Data {
                                 seq,
@@ -132,15 +129,14 @@ impl Resource {
                     } else {
                         self.bitmap.set_range(offset, len);
                     }
-                    if self.epoch_writes >= MAX_EPOCH_WRITES {
+                    if self.epochs.full() {
                         self.close_epoch();
                     }
                 }
                 Pending::Flush(req) => {
                     self.pending.pop_front();
-                    let epoch = self.epoch;
                     let replicate = self.replicating();
-                    self.close_epoch_now(replicate);
+                    let epoch = self.close_epoch_now(replicate);
                     let covers = self.writes_completed;
                     if let Some(f) = self.flushes.get_mut(&req) {
                         f.epoch = epoch;
@@ -187,20 +183,21 @@ impl Resource {
     }
 
     pub(super) fn close_epoch(&mut self) {
-        if self.epoch_writes > 0 {
+        if self.epochs.has_writes() {
             let replicate = self.replicating();
             self.close_epoch_now(replicate);
         }
-        self.epoch_opened_at = None;
+        self.epochs.disarm();
     }
 
-    pub(super) fn close_epoch_now(&mut self, send_barrier: bool) {
+    /// Close the current epoch (with its barrier to the peer if `send_barrier`): its
+    /// number.
+    pub(super) fn close_epoch_now(&mut self, send_barrier: bool) -> u64 {
+        let epoch = self.epochs.close();
         if send_barrier {
-            self.send(Msg::Barrier { epoch: self.epoch });
+            self.send(Msg::Barrier { epoch });
         }
-        self.epoch += 1;
-        self.epoch_writes = 0;
-        self.epoch_opened_at = None;
+        epoch
     }
 
     pub(super) fn app_write_done(&mut self, req: ReqId, ok: bool) {
@@ -218,12 +215,7 @@ impl Resource {
             w.local_done = true;
             w.local_failed = !ok;
             let epoch = w.epoch;
-            if let Some(c) = self.local_pending_by_epoch.get_mut(&epoch) {
-                *c -= 1;
-                if *c == 0 {
-                    self.local_pending_by_epoch.remove(&epoch);
-                }
-            }
+            self.epochs.write_local_done(epoch);
         }
         self.try_complete(req);
         self.check_flushes();
@@ -284,9 +276,10 @@ impl Resource {
         let finished =
             w.completed && matches!(w.peer, PeerState::NotReplicated | PeerState::Written);
         if finished {
-            if w.peer == PeerState::Written && self.peer_acked_epoch.is_none_or(|e| e < w.epoch) {
-                self.tl.push((w.epoch, w.offset, w.len));
-            } else {
+            // On the peer but maybe not flushed there: kept in the transfer log, with its
+            // AL extents.
+            let kept = w.peer == PeerState::Written && self.epochs.keep(w.epoch, w.offset, w.len);
+            if !kept {
                 let extents = self.al.extents_of(w.offset, w.len);
                 self.al.release(extents);
             }
@@ -301,7 +294,7 @@ impl Resource {
 
     pub(super) fn check_flushes(&mut self) {
         let gate = self.gate();
-        let oldest_pending_epoch = self.local_pending_by_epoch.keys().next().copied();
+        let oldest_pending_epoch = self.epochs.oldest_local_pending();
         let mut done = Vec::new();
         let mut to_issue = Vec::new();
         for (&req, f) in self.flushes.iter_mut() {
@@ -311,7 +304,7 @@ impl Resource {
             if f.local_io.is_none() && oldest_pending_epoch.is_none_or(|e| e > f.epoch) {
                 to_issue.push(req);
             }
-            let peer_ok = !f.peer_needed || self.peer_acked_epoch.is_some_and(|e| e >= f.epoch);
+            let peer_ok = !f.peer_needed || self.epochs.peer_acked(f.epoch);
             match gate {
                 Gate::Open if f.local_done && peer_ok => done.push((req, f.local_failed)),
                 Gate::Fail if f.local_done => done.push((req, true)),
