@@ -75,17 +75,9 @@ impl Resource {
         }
         self.epochs.forget_peer_acks();
         // Peer writes already on their way to the disk finish; queued ones are dropped.
-        let mut kept = VecDeque::new();
-        for op in std::mem::take(&mut self.peer_ops) {
-            if op.io.is_some() {
-                kept.push_back(op);
-            } else {
-                self.actions.push_back(Action::ReleaseBuf(op.buf));
-            }
+        for buf in self.peer_writes.connection_lost() {
+            self.actions.push_back(Action::ReleaseBuf(buf));
         }
-        self.peer_ops = kept;
-        self.reindex_peer_ops();
-        self.peer_barriers.clear();
         self.resync.connection_lost();
         self.peer_role = Role::Unknown;
         self.peer_disk = DiskState::Unknown;

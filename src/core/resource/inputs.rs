@@ -100,7 +100,7 @@ impl Resource {
             IoPurpose::PeerWrite => self.peer_write_done(io, ok),
             IoPurpose::PeerFlush(_) if !ok => {
                 // No barrier ack: the primary must not count the epoch as durable here.
-                self.peer_barrier_flushing = false;
+                self.peer_writes.barrier_flush_failed();
                 self.local_disk_failed("the disk failed a flush for the peer".into(), true);
             }
             IoPurpose::TargetDoneFlush if !ok => {
@@ -108,12 +108,8 @@ impl Resource {
                 self.local_disk_failed("the disk failed the flush ending the resync".into(), true);
             }
             IoPurpose::PeerFlush(epoch) => {
-                self.peer_barrier_flushing = false;
-                if self.peer_barriers.front() == Some(&epoch) {
-                    self.peer_barriers.pop_front();
-                    if self.connected() {
-                        self.send(Msg::BarrierAck { epoch });
-                    }
+                if self.peer_writes.barrier_flushed(epoch) && self.connected() {
+                    self.send(Msg::BarrierAck { epoch });
                 }
                 self.check_peer_barriers();
             }
@@ -333,13 +329,8 @@ impl Resource {
                     if self.p.protocol == Protocol::B {
                         self.send(Msg::RecvAck { seq });
                     }
-                    self.peer_ops.push_back(PeerOp {
-                        kind: PeerOpKind::Data { seq, epoch },
-                        offset,
-                        len: len as u64,
-                        buf: b,
-                        io: None,
-                    });
+                    let kind = PeerOpKind::Data { seq, epoch };
+                    self.peer_writes.push(kind, offset, len as u64, b);
                     self.pump_peer();
                 }
                 _ => self.protocol_error("data write not acceptable here", buf),
@@ -351,19 +342,14 @@ impl Resource {
                         Conn::SyncTarget | Conn::SyncStarting { source: false }
                     ) && self.in_range(offset, len as u64) =>
                 {
-                    self.peer_ops.push_back(PeerOp {
-                        kind: PeerOpKind::Resync,
-                        offset,
-                        len: len as u64,
-                        buf: b,
-                        io: None,
-                    });
+                    self.peer_writes
+                        .push(PeerOpKind::Resync, offset, len as u64, b);
                     self.pump_peer();
                 }
                 _ => self.protocol_error("resync data while not sync target", buf),
             },
             Msg::Barrier { epoch } => {
-                self.peer_barriers.push_back(epoch);
+                self.peer_writes.push_barrier(epoch);
                 self.check_peer_barriers();
             }
             Msg::RecvAck { seq } => self.peer_ack(seq, PeerState::Received),

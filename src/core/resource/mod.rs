@@ -40,6 +40,7 @@ mod connection;
 mod epochs;
 mod inputs;
 mod keepalive;
+mod peer_writes;
 mod persist;
 mod quorum_gate;
 mod replica;
@@ -50,6 +51,7 @@ mod write_path;
 
 use epochs::Epochs;
 use keepalive::Keepalive;
+use peer_writes::{PeerOpKind, PeerWrites};
 use persist::MetaQueue;
 use resync::Resync;
 
@@ -101,21 +103,6 @@ struct FlushReq {
 enum Pending {
     Write(ReqId),
     Flush(ReqId),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PeerOpKind {
-    Data { seq: u64, epoch: u64 },
-    Resync,
-}
-
-#[derive(Debug)]
-struct PeerOp {
-    kind: PeerOpKind,
-    offset: u64,
-    len: u64,
-    buf: BufId,
-    io: Option<IoId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,10 +185,8 @@ pub struct Resource {
     next_seq: u64,
     seq_to_req: HashMap<u64, ReqId>,
     // Peer (secondary) side.
-    peer_ops: VecDeque<PeerOp>,
-    peer_ops_by_io: HashMap<IoId, usize>,
-    peer_barriers: VecDeque<u64>,
-    peer_barrier_flushing: bool,
+    /// The peer's writes and barriers, in order.
+    peer_writes: PeerWrites,
     /// The flags of the last hello sent: the comparison on this side must use what
     /// the peer was told, even if the bitmap or role changed since.
     hello_flags: u32,
@@ -297,10 +282,7 @@ impl Resource {
             epochs: Epochs::new(),
             next_seq: 1,
             seq_to_req: HashMap::new(),
-            peer_ops: VecDeque::new(),
-            peer_ops_by_io: HashMap::new(),
-            peer_barriers: VecDeque::new(),
-            peer_barrier_flushing: false,
+            peer_writes: PeerWrites::default(),
             hello_flags: 0,
             resync: Resync::new(now),
             resync_done_pending_gen: None,
@@ -456,8 +438,7 @@ impl Resource {
         self.writes.is_empty()
             && self.flushes.is_empty()
             && self.pending.is_empty()
-            && self.peer_ops.is_empty()
-            && self.peer_barriers.is_empty()
+            && self.peer_writes.is_idle()
             && !self.meta.busy()
             && self.resync.is_idle()
             && self.resync_done_pending_gen.is_none()

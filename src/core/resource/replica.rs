@@ -4,15 +4,6 @@
 use super::*;
 
 impl Resource {
-    pub(super) fn reindex_peer_ops(&mut self) {
-        self.peer_ops_by_io.clear();
-        for (i, op) in self.peer_ops.iter().enumerate() {
-            if let Some(io) = op.io {
-                self.peer_ops_by_io.insert(io, i);
-            }
-        }
-    }
-
     /// Submit received writes that do not overlap an earlier one still in flight, so that
     /// overlapping writes land in the primary's order.
     pub(super) fn pump_peer(&mut self) {
@@ -26,42 +17,19 @@ impl Resource {
         if self.writes.values().any(|w| w.submitted && !w.local_done) {
             return;
         }
-        let mut issue = Vec::new();
-        for i in 0..self.peer_ops.len() {
-            let op = &self.peer_ops[i];
-            if op.io.is_some() {
-                continue;
-            }
-            let blocked = self
-                .peer_ops
-                .iter()
-                .take(i)
-                .any(|e| Self::overlaps(e.offset, e.len, op.offset, op.len));
-            if !blocked {
-                issue.push(i);
-            }
-        }
-        for i in issue {
+        for i in self.peer_writes.ready() {
             let io = self.new_io(IoPurpose::PeerWrite);
-            let op = &mut self.peer_ops[i];
-            op.io = Some(io);
-            self.peer_ops_by_io.insert(io, i);
-            self.actions.push_back(Action::DiskWrite {
-                io,
-                offset: op.offset,
-                buf: op.buf,
-            });
+            if let Some((offset, buf)) = self.peer_writes.submit(i, io) {
+                self.actions
+                    .push_back(Action::DiskWrite { io, offset, buf });
+            }
         }
     }
 
     pub(super) fn peer_write_done(&mut self, io: IoId, ok: bool) {
-        let Some(i) = self.peer_ops_by_io.get(&io).copied() else {
+        let Some(op) = self.peer_writes.done(io) else {
             return;
         };
-        let Some(op) = self.peer_ops.remove(i) else {
-            return;
-        };
-        self.reindex_peer_ops();
         self.actions.push_back(Action::ReleaseBuf(op.buf));
         if self.connected() {
             match op.kind {
@@ -99,18 +67,7 @@ impl Resource {
     }
 
     pub(super) fn check_peer_barriers(&mut self) {
-        if self.peer_barrier_flushing {
-            return;
-        }
-        let Some(&epoch) = self.peer_barriers.front() else {
-            return;
-        };
-        let waiting = self.peer_ops.iter().any(|op| match op.kind {
-            PeerOpKind::Data { epoch: e, .. } => e <= epoch,
-            PeerOpKind::Resync => false,
-        });
-        if !waiting {
-            self.peer_barrier_flushing = true;
+        if let Some(epoch) = self.peer_writes.barrier_ready() {
             let io = self.new_io(IoPurpose::PeerFlush(epoch));
             self.actions.push_back(Action::DiskFlush { io });
         }
