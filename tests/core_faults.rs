@@ -412,8 +412,9 @@ fn a_failed_metadata_write_holds_io_and_is_written_again() {
     let _ = IoId(0);
 }
 
-#[test]
-fn a_promotion_refused_for_a_running_lease_is_asked_again_when_it_ends() {
+/// A node asked to promote at 10 ms, refused by the witness because beta's lease runs
+/// 37 ms more.
+fn promotion_waiting_for_a_lease() -> One {
     let mut o = One::with(Protocol::C, |p| {
         p.witness = true;
         p.fencing = tandem::core::quorum::Fencing::Resource;
@@ -426,6 +427,12 @@ fn a_promotion_refused_for_a_running_lease_is_asked_again_when_it_ends() {
     busy.primary = "beta".into();
     busy.lease_ms = 37;
     o.r.handle_witness_reply(Instant(10), Some(busy));
+    o
+}
+
+#[test]
+fn a_promotion_refused_for_a_running_lease_is_asked_again_when_it_ends() {
+    let mut o = promotion_waiting_for_a_lease();
     assert!(
         witness_requests(&o.drain()).is_empty(),
         "asked again at once"
@@ -487,18 +494,7 @@ fn an_outdated_crashed_primary_becomes_the_sync_target_of_an_up_to_date_peer() {
 /// the witness for itself too would vote for both (simulator seed 95000841 C).
 #[test]
 fn a_waiting_promotion_is_dropped_once_the_primary_is_connected_again() {
-    let mut o = One::with(Protocol::C, |p| {
-        p.witness = true;
-        p.fencing = tandem::core::quorum::Fencing::Resource;
-    });
-    o.finish_meta();
-    o.r.handle_admin(Instant(10), AdminCmd::Promote { force: false })
-        .expect("promote");
-    o.drain();
-    let mut busy = reply(false, 1, &["alpha", "beta"]);
-    busy.primary = "beta".into();
-    busy.lease_ms = 37;
-    o.r.handle_witness_reply(Instant(10), Some(busy));
+    let mut o = promotion_waiting_for_a_lease();
     o.drain();
     // The primary is back before its lease ends.
     let size = o.r.data_bytes();

@@ -91,6 +91,16 @@ impl N {
         n
     }
 
+    /// The device check finds it free: the node demotes and detaches it.
+    fn device_free_then_detached(&mut self) {
+        self.n.handle_device_checked(self.at(), None);
+        let a = self.drain();
+        assert!(a.contains(&Action::DetachDevice), "{a:?}");
+        assert_eq!(self.n.resource().role(), Role::Secondary);
+        self.n
+            .handle_device_detached(self.at(), DetachOutcome::Detached);
+    }
+
     /// Promote, attach the device and start both services.
     fn running(policy: OnDemoteFailure) -> N {
         let mut n = N::new(policy);
@@ -185,11 +195,7 @@ fn a_service_that_fails_to_start_is_stopped_with_the_others_and_the_node_demotes
     assert_eq!(n.service(1, true), vec![Action::StopService { idx: 0 }]);
     // Demoting itself: the device is checked like any demotion's.
     assert_eq!(n.service(0, true), vec![Action::CheckDeviceFree]);
-    n.n.handle_device_checked(n.at(), None);
-    let a = n.drain();
-    assert!(a.contains(&Action::DetachDevice), "{a:?}");
-    assert_eq!(n.n.resource().role(), Role::Secondary);
-    n.n.handle_device_detached(n.at(), DetachOutcome::Detached);
+    n.device_free_then_detached();
     let a = n.drain();
     assert!(
         a.iter().any(|x| matches!(
@@ -300,11 +306,7 @@ fn while_a_switchover_waits_for_the_peer_no_other_role_command_shares_its_answer
     n.admin(AdminCmd::Switchover);
     n.service(1, true);
     assert_eq!(n.service(0, true), vec![Action::CheckDeviceFree]);
-    n.n.handle_device_checked(n.at(), None);
-    let a = n.drain();
-    assert!(a.contains(&Action::DetachDevice), "{a:?}");
-    assert_eq!(n.n.resource().role(), Role::Secondary);
-    n.n.handle_device_detached(n.at(), DetachOutcome::Detached);
+    n.device_free_then_detached();
     assert_eq!(n.drain(), vec![]);
     // The peer has not taken over yet: a promotion here would take the switchover's
     // answer (simulator seed 12649486 A).

@@ -14,6 +14,7 @@ fn v(current: u64, bitmap: u64, history: [u64; 2]) -> UuidView {
         },
         crashed_primary: false,
         inconsistent: false,
+        outdated: false,
         primary: false,
         out_of_sync: false,
     }
@@ -25,6 +26,10 @@ fn crashed(mut x: UuidView) -> UuidView {
 }
 fn inconsistent(mut x: UuidView) -> UuidView {
     x.inconsistent = true;
+    x
+}
+fn outdated(mut x: UuidView) -> UuidView {
+    x.outdated = true;
     x
 }
 fn oos(mut x: UuidView) -> UuidView {
@@ -75,6 +80,33 @@ fn rule_table() {
             crashed(v(0xA0, 0, [0, 0])),
             TargetUseBitmap,
             Rule::EqualCurrentPeerCrashed,
+        ),
+        // Both crashed as primaries, this one fenced (outdated): the up-to-date peer is
+        // the source although the tie would make this side it (seed 90002467 C).
+        (
+            outdated(crashed(v(0xA0, 0, [0, 0]))),
+            crashed(v(0xA0, 0, [0, 0])),
+            TargetUseBitmap,
+            Rule::EqualCurrentLocalOutdated,
+        ),
+        (
+            crashed(v(0xA0, 0, [0, 0])),
+            outdated(v(0xA0, 0, [0, 0])),
+            SourceUseBitmap,
+            Rule::EqualCurrentLocalCrashed,
+        ),
+        (
+            v(0xA0, 0, [0, 0]),
+            outdated(crashed(v(0xA0, 0, [0, 0]))),
+            SourceUseBitmap,
+            Rule::EqualCurrentPeerOutdated,
+        ),
+        // Outdated with nothing to resync: the handshake just clears the flag.
+        (
+            outdated(v(0xA0, 0, [0, 0])),
+            v(0xA0, 0, [0, 0]),
+            NoSync,
+            Rule::EqualCurrent,
         ),
         (
             inconsistent(v(0xA0, 0, [0, 0])),

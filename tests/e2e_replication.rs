@@ -370,29 +370,26 @@ fn bad_input_gets_a_clear_error_and_the_daemon_keeps_serving() {
     let e = c.ctl_fails(0, &["demote", "nosuch"]);
     assert!(e.contains("no resource"), "{e}");
 
+    // `tandemctl status` as uid 65534, with extra `setpriv` arguments.
+    let as_nobody = |caps: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(caps)
+            .arg(common::TANDEMCTL)
+            .arg("--socket")
+            .arg(&c.nodes[0].socket)
+            .arg("status")
+            .output()
+            .expect("setpriv")
+    };
     // A non-root client cannot use the control socket.
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(common::TANDEMCTL)
-        .arg("--socket")
-        .arg(&c.nodes[0].socket)
-        .arg("status")
-        .output()
-        .expect("setpriv");
+    let out = as_nobody(&[]);
     assert_eq!(out.status.code(), Some(1), "non-root status: {out:?}");
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("root-only"), "{e}");
     // One that may open the socket (CAP_DAC_OVERRIDE) but is not root is told by the
     // daemon, not just cut off.
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args(["--inh-caps=+dac_override", "--ambient-caps=+dac_override"])
-        .arg(common::TANDEMCTL)
-        .arg("--socket")
-        .arg(&c.nodes[0].socket)
-        .arg("status")
-        .output()
-        .expect("setpriv");
+    let out = as_nobody(&["--inh-caps=+dac_override", "--ambient-caps=+dac_override"]);
     let e = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{e}");
     assert!(e.contains("root-only") && e.contains("uid 65534"), "{e}");

@@ -75,6 +75,8 @@ pub struct UuidView {
     pub crashed_primary: bool,
     /// Its data is not consistent (interrupted sync target, `invalidate`).
     pub inconsistent: bool,
+    /// Consistent but outdated: the witness (or a failed write) fenced it.
+    pub outdated: bool,
     /// It is primary now.
     pub primary: bool,
     /// Its bitmap marks blocks out of sync.
@@ -119,6 +121,8 @@ pub enum Rule {
     EqualCurrentLocalInconsistent,
     EqualCurrentPeerInconsistent,
     EqualCurrentOutOfSync,
+    EqualCurrentLocalOutdated,
+    EqualCurrentPeerOutdated,
     BitmapPeer,
     BitmapLocal,
     HistoryPeer,
@@ -142,6 +146,8 @@ impl Rule {
             Rule::EqualCurrentLocalInconsistent => "equal-current-local-inconsistent",
             Rule::EqualCurrentPeerInconsistent => "equal-current-peer-inconsistent",
             Rule::EqualCurrentOutOfSync => "equal-current-out-of-sync",
+            Rule::EqualCurrentLocalOutdated => "equal-current-local-outdated",
+            Rule::EqualCurrentPeerOutdated => "equal-current-peer-outdated",
             Rule::BitmapPeer => "bitmap-peer",
             Rule::BitmapLocal => "bitmap-local",
             Rule::HistoryPeer => "history-peer",
@@ -173,35 +179,18 @@ pub fn compare(local: &UuidView, peer: &UuidView, tie_local_wins: bool) -> (Sync
         return (SourceFullSync, Rule::PeerJustCreated);
     }
     if l.current == p.current {
-        return match (local.crashed_primary, peer.crashed_primary) {
-            (true, false) => (SourceUseBitmap, Rule::EqualCurrentLocalCrashed),
-            (false, true) => (TargetUseBitmap, Rule::EqualCurrentPeerCrashed),
-            (true, true) if tie_local_wins => (SourceUseBitmap, Rule::EqualCurrentLocalCrashed),
-            (true, true) => (TargetUseBitmap, Rule::EqualCurrentPeerCrashed),
-            (false, false) => match (local.inconsistent, peer.inconsistent) {
-                (true, false) => (TargetUseBitmap, Rule::EqualCurrentLocalInconsistent),
-                (false, true) => (SourceUseBitmap, Rule::EqualCurrentPeerInconsistent),
-                // The same generation, yet blocks marked out of sync: left over from a
-                // handshake that decided a resync and broke before it ran, or a write
-                // the peer failed. Resyncing identical blocks costs time; dropping the
-                // bits could leave a real difference. The primary, or the side with
-                // bits, is the source.
-                _ if local.out_of_sync || peer.out_of_sync => {
-                    let local_source = if local.primary != peer.primary {
-                        local.primary
-                    } else if local.out_of_sync != peer.out_of_sync {
-                        local.out_of_sync
-                    } else {
-                        tie_local_wins
-                    };
-                    if local_source {
-                        (SourceUseBitmap, Rule::EqualCurrentOutOfSync)
-                    } else {
-                        (TargetUseBitmap, Rule::EqualCurrentOutOfSync)
-                    }
-                }
-                _ => (NoSync, Rule::EqualCurrent),
-            },
+        // One side outdated (fenced), the other up to date: the up-to-date side is the
+        // source, whichever crashed as primary or holds bits. An outdated node holds
+        // nothing acknowledged that the other lacks.
+        let up_to_date = |x: &UuidView| !x.inconsistent && !x.outdated;
+        return match equal_current(local, peer, tie_local_wins) {
+            (SourceUseBitmap, _) if local.outdated && up_to_date(peer) => {
+                (TargetUseBitmap, Rule::EqualCurrentLocalOutdated)
+            }
+            (TargetUseBitmap, _) if peer.outdated && up_to_date(local) => {
+                (SourceUseBitmap, Rule::EqualCurrentPeerOutdated)
+            }
+            d => d,
         };
     }
     if p.bitmap != 0 && p.bitmap == l.current {
@@ -234,4 +223,40 @@ pub fn compare(local: &UuidView, peer: &UuidView, tie_local_wins: bool) -> (Sync
         return (SplitBrain, Rule::SharedHistory);
     }
     (Unrelated, Rule::NothingShared)
+}
+
+/// Equal current UUIDs, before the outdated rule: the crashed primary, the consistent
+/// side, or the side with out-of-sync bits is the source.
+fn equal_current(local: &UuidView, peer: &UuidView, tie_local_wins: bool) -> (SyncDecision, Rule) {
+    use SyncDecision::*;
+    match (local.crashed_primary, peer.crashed_primary) {
+        (true, false) => (SourceUseBitmap, Rule::EqualCurrentLocalCrashed),
+        (false, true) => (TargetUseBitmap, Rule::EqualCurrentPeerCrashed),
+        (true, true) if tie_local_wins => (SourceUseBitmap, Rule::EqualCurrentLocalCrashed),
+        (true, true) => (TargetUseBitmap, Rule::EqualCurrentPeerCrashed),
+        (false, false) => match (local.inconsistent, peer.inconsistent) {
+            (true, false) => (TargetUseBitmap, Rule::EqualCurrentLocalInconsistent),
+            (false, true) => (SourceUseBitmap, Rule::EqualCurrentPeerInconsistent),
+            // The same generation, yet blocks marked out of sync: left over from a
+            // handshake that decided a resync and broke before it ran, or a write
+            // the peer failed. Resyncing identical blocks costs time; dropping the
+            // bits could leave a real difference. The primary, or the side with
+            // bits, is the source.
+            _ if local.out_of_sync || peer.out_of_sync => {
+                let local_source = if local.primary != peer.primary {
+                    local.primary
+                } else if local.out_of_sync != peer.out_of_sync {
+                    local.out_of_sync
+                } else {
+                    tie_local_wins
+                };
+                if local_source {
+                    (SourceUseBitmap, Rule::EqualCurrentOutOfSync)
+                } else {
+                    (TargetUseBitmap, Rule::EqualCurrentOutOfSync)
+                }
+            }
+            _ => (NoSync, Rule::EqualCurrent),
+        },
+    }
 }

@@ -347,31 +347,24 @@ impl Sim {
         self.drain(node);
     }
 
-    pub(super) fn on_service(
-        &mut self,
-        node: usize,
-        inc: u64,
-        op: u64,
-        idx: usize,
-        start: bool,
-        ok: bool,
-    ) {
+    pub(super) fn on_service(&mut self, ev: Ev) {
+        let Ev::Service {
+            node,
+            inc,
+            op,
+            idx,
+            start,
+            ok,
+        } = ev
+        else {
+            return;
+        };
         if self.nodes[node].incarnation != inc || self.nodes[node].service_op != op {
             return;
         }
         if !start && idx == DB && self.app_on(node) > 0 {
             // The database stops once its requests have ended.
-            return self.push(
-                self.now + 5,
-                Ev::Service {
-                    node,
-                    inc,
-                    op,
-                    idx,
-                    start,
-                    ok,
-                },
-            );
+            return self.push(self.now + 5, ev);
         }
         let now = self.local(node);
         if let Some(n) = self.nodes[node].node.as_mut() {

@@ -509,14 +509,7 @@ impl Sim {
                 write,
             } => self.on_app(node, inc, req, write),
             Ev::Device { node, inc, step } => self.on_device(node, inc, step),
-            Ev::Service {
-                node,
-                inc,
-                op,
-                idx,
-                start,
-                ok,
-            } => self.on_service(node, inc, op, idx, start, ok),
+            Ev::Service { .. } => self.on_service(ev),
             Ev::Fenced { node, inc, code } => self.on_fenced(node, inc, code),
             Ev::WitnessRestart => self.on_witness_restart(),
         }

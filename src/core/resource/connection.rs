@@ -128,15 +128,8 @@ impl Resource {
             return self.drop_connection(msg);
         }
         let peer_primary = h.flags & wire::HELLO_PRIMARY != 0;
-        let promoting = self
-            .wl
-            .in_flight
-            .is_some_and(|(op, _)| op == WitnessOp::Promote);
-        if peer_primary && self.role != Role::Primary && promoting {
-            // This node's promotion request is still out: acknowledging the peer's
-            // writes now would vote for two primaries. Keep away until the witness
-            // answers.
-            return self.set_promote_uncertain(true);
+        if peer_primary && self.keep_away_while_promoting() {
+            return;
         }
         self.peer_role = if peer_primary {
             Role::Primary
@@ -160,13 +153,15 @@ impl Resource {
             gen: self.sb.gen,
             crashed_primary: self.sb.has(meta::FLAG_CRASHED_PRIMARY),
             inconsistent: self.disk_state() == DiskState::Inconsistent,
+            outdated: self.disk_state() == DiskState::Outdated,
             primary: self.hello_flags & wire::HELLO_PRIMARY != 0,
             out_of_sync: self.hello_flags & wire::HELLO_OUT_OF_SYNC != 0,
         };
         let peer = UuidView {
             gen: h.gen,
             crashed_primary: h.flags & wire::HELLO_CRASHED_PRIMARY != 0,
-            inconsistent: h.flags & wire::HELLO_INCONSISTENT != 0,
+            inconsistent: self.peer_disk == DiskState::Inconsistent,
+            outdated: self.peer_disk == DiskState::Outdated,
             primary: peer_primary,
             out_of_sync: h.flags & wire::HELLO_OUT_OF_SYNC != 0,
         };
@@ -190,26 +185,6 @@ impl Resource {
                 }
                 SyncDecision::SplitBrain if peer_term < my_term => {
                     (SyncDecision::SourceUseBitmap, "newer-term")
-                }
-                // The same generation, and one side outdated (the witness fenced it): the
-                // up-to-date side is the source, whichever crashed as primary. An
-                // outdated node holds nothing acknowledged that the other lacks.
-                SyncDecision::SourceUseBitmap
-                    if local.gen.current == peer.gen.current
-                        && self.disk_state() == DiskState::Outdated
-                        && self.peer_disk == DiskState::UpToDate =>
-                {
-                    (
-                        SyncDecision::TargetUseBitmap,
-                        "equal-current-local-outdated",
-                    )
-                }
-                SyncDecision::TargetUseBitmap
-                    if local.gen.current == peer.gen.current
-                        && self.disk_state() == DiskState::UpToDate
-                        && self.peer_disk == DiskState::Outdated =>
-                {
-                    (SyncDecision::SourceUseBitmap, "equal-current-peer-outdated")
                 }
                 d => (d, r.name()),
             }

@@ -397,14 +397,8 @@ impl Resource {
                 _ => self.protocol_error("resync-done while not sync target", None),
             },
             Msg::State { primary, disk } => {
-                let promoting = self
-                    .wl
-                    .in_flight
-                    .is_some_and(|(op, _)| op == WitnessOp::Promote);
-                if primary && self.role != Role::Primary && promoting {
-                    // As in the handshake: no vote for the peer while this node's own
-                    // promotion request is out.
-                    return self.set_promote_uncertain(true);
+                if primary && self.keep_away_while_promoting() {
+                    return;
                 }
                 self.peer_role = if primary {
                     Role::Primary

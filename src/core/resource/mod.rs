@@ -57,6 +57,11 @@ use resync::Resync;
 
 pub use types::*;
 
+/// The byte ranges `[a_off, a_off + a_len)` and `[b_off, b_off + b_len)` share a byte.
+fn overlaps(a_off: u64, a_len: u64, b_off: u64, b_len: u64) -> bool {
+    a_off < b_off.saturating_add(b_len) && b_off < a_off.saturating_add(a_len)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PeerState {
     /// Not sent to the peer: its blocks are marked out of sync.

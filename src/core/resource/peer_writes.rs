@@ -5,11 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::{BufId, IoId};
-
-fn overlaps(a_off: u64, a_len: u64, b_off: u64, b_len: u64) -> bool {
-    a_off < b_off.saturating_add(b_len) && b_off < a_off.saturating_add(a_len)
-}
+use super::{overlaps, BufId, IoId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum PeerOpKind {

@@ -388,6 +388,21 @@ impl Resource {
         }
     }
 
+    /// The peer says it is primary (its hello or its state). While this secondary's own
+    /// promotion request is out, acknowledging the peer's writes would vote for two
+    /// primaries: it keeps away from the peer until the witness answers (`true`).
+    pub(super) fn keep_away_while_promoting(&mut self) -> bool {
+        let promoting = self
+            .wl
+            .in_flight
+            .is_some_and(|(op, _)| op == WitnessOp::Promote);
+        if self.role == Role::Primary || !promoting {
+            return false;
+        }
+        self.set_promote_uncertain(true);
+        true
+    }
+
     pub(super) fn promote_refused(&mut self, why: AdminError, outdated: bool) {
         let Some(w) = self.want_promote else {
             return;

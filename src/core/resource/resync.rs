@@ -3,11 +3,8 @@
 //! progress (bytes done of the total, and the rate). The decisions around it (what to
 //! read next, when it is finished) stay with the resource, which owns the bitmap.
 
+use super::overlaps;
 use crate::core::Instant;
-
-fn overlaps(a_off: u64, a_len: u64, b_off: u64, b_len: u64) -> bool {
-    a_off < b_off.saturating_add(b_len) && b_off < a_off.saturating_add(a_len)
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {

@@ -4,10 +4,6 @@
 use super::*;
 
 impl Resource {
-    pub(super) fn overlaps(a_off: u64, a_len: u64, b_off: u64, b_len: u64) -> bool {
-        a_off < b_off + b_len && b_off < a_off + a_len
-    }
-
     pub(super) fn in_range(&self, offset: u64, len: u64) -> bool {
         len > 0
             && offset
@@ -18,7 +14,7 @@ impl Resource {
     pub(super) fn conflicts(&self, offset: u64, len: u64) -> bool {
         self.writes
             .values()
-            .any(|w| w.submitted && !w.local_done && Self::overlaps(w.offset, w.len, offset, len))
+            .any(|w| w.submitted && !w.local_done && overlaps(w.offset, w.len, offset, len))
             || self.resync.reading(offset, len)
     }
 
